@@ -1,0 +1,164 @@
+"""`mlops`: one command with verbs, from training to serving.
+
+The registry is `MLFLOW_TRACKING_URI` when set (with MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD as MLflow reads them), else an embedded SQLite registry
+under `.mlops/` in the project root (the folder holding deployments.yaml).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .registry import RegistryError, default_registry
+from .spec import SpecError
+
+app = typer.Typer(
+    help="Train models into MLflow, sync deployments.yaml to MLServer and Seldon, serve them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+HttpPort = Annotated[int, typer.Option(help="REST (V2 inference protocol) port.")]
+GrpcPort = Annotated[int, typer.Option(help="gRPC (V2 inference protocol) port.")]
+MetricsPort = Annotated[int, typer.Option(help="Prometheus metrics port.")]
+
+
+def project_root() -> Path:
+    """The folder holding deployments.yaml: MLOPS_PROJECT_DIR, else the nearest from here upwards."""
+    if "MLOPS_PROJECT_DIR" in os.environ:
+        return Path(os.environ["MLOPS_PROJECT_DIR"]).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "deployments.yaml").is_file():
+            return d
+    return here
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _train(models: list[str]) -> None:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from training.catalog import JOBS
+    from training.train import TrainingError, train_model
+
+    unknown = [m for m in models if m not in JOBS]
+    if unknown:
+        fail(f"no training job for {', '.join(unknown)} (jobs: {', '.join(JOBS)})")
+    registry = default_registry(project_root())
+    out.print(f"Registry: {registry.tracking_uri}", highlight=False)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("training", total=len(models))
+        for name in models:
+            try:
+                results = train_model(registry, name, on_step=lambda msg: bar.update(task, description=msg))
+            except TrainingError as exc:
+                fail(str(exc))
+            except Exception as exc:  # noqa: BLE001 - registry and database failures
+                fail(f"training {name} against {registry.tracking_uri} failed: {str(exc).splitlines()[0]}")
+            bar.advance(task)
+            for r in results:
+                alias = f" @{r.alias}" if r.alias else ""
+                bar.console.print(f"  {r.model} v{r.version} {r.candidate}: score={r.score:.4f}{alias}", highlight=False)
+
+
+@app.command()
+def train(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Train only this model (repeatable).")] = None,
+) -> None:
+    """Fit every candidate, log it to MLflow, register versions, set @champion/@challenger."""
+    from training.catalog import JOBS
+
+    _train(model or list(JOBS))
+
+
+def _sync(check: bool) -> list[str]:
+    from .sync import sync as do_sync
+
+    root = project_root()
+    registry = default_registry(root)
+    try:
+        changed, diff = do_sync(root, registry, check=check)
+    except (SpecError, RegistryError) as exc:
+        fail(str(exc))
+    if check and changed:
+        sys.stdout.writelines(diff)
+        fail(f"{', '.join(changed)} out of date with deployments.yaml and the registry; run `mlops sync`")
+    return changed
+
+
+@app.command()
+def sync(
+    check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if generated files are stale.")] = False,
+) -> None:
+    """Resolve aliases in deployments.yaml to registry versions; write model-settings/ and seldon/."""
+    changed = _sync(check)
+    if check:
+        out.print("generated files are up to date")
+    else:
+        out.print(f"updated {', '.join(changed)}" if changed else "generated files already up to date")
+
+
+@app.command()
+def serve(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082) -> None:
+    """Start MLServer on model-settings/ in the foreground: REST, gRPC and metrics, every model at once."""
+    from .serve import Ports
+    from .serve import serve as run
+
+    root = project_root()
+    settings = root / "model-settings"
+    if not (settings / "settings.json").is_file():
+        fail(f"{settings} has no generated settings; run `mlops sync` first")
+    raise typer.Exit(run(settings, default_registry(root), Ports(http_port, grpc_port, metrics_port), echo=typer.echo))
+
+
+@app.command()
+def up(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082) -> None:
+    """The main job: train if the registry lacks the spec's models, sync, then serve."""
+    from .registry import fail_fast_http
+    from .spec import load_spec
+
+    root = project_root()
+    try:
+        spec = load_spec(root / "deployments.yaml")
+    except SpecError as exc:
+        fail(str(exc))
+    registry = default_registry(root)
+    fail_fast_http()
+    try:
+        registered = {m.name for m in registry.client().search_registered_models()}
+    except Exception as exc:  # noqa: BLE001
+        fail(f"cannot reach MLflow registry at {registry.tracking_uri}: {str(exc).splitlines()[0]}")
+    missing = [m for m in spec.models if m not in registered]
+    if missing:
+        _train(missing)
+    _sync(check=False)
+    serve(http_port, grpc_port, metrics_port)
+
+
+@app.command()
+def validate(
+    crds_dir: Annotated[
+        Optional[Path], typer.Option(help="Upstream CRDs to validate against [env: MLOPS_CRDS_DIR; default: ../shared/crds].")
+    ] = None,
+) -> None:
+    """Render every clusters/<env> with kubectl kustomize and validate each object offline."""
+    from . import validate as validation
+
+    raise typer.Exit(validation.main(project_root(), crds_dir))
+
+
+if __name__ == "__main__":
+    app()

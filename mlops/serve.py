@@ -1,0 +1,108 @@
+"""Run MLServer on `model-settings/` in the foreground and tell the user how to call it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8080
+    grpc: int = 8081
+    metrics: int = 8082
+
+
+def mlserver_command(settings_dir: Path) -> list[str]:
+    exe = Path(sys.executable).with_name("mlserver")
+    return [str(exe) if exe.exists() else (shutil.which("mlserver") or "mlserver"), "start", str(settings_dir)]
+
+
+def server_env(registry: Registry, ports: Ports) -> dict[str, str]:
+    """MLServer reads its ports from MLSERVER_*; runtimes reach the registry through MLFLOW_TRACKING_URI."""
+    env = dict(os.environ)
+    env.update(
+        MLSERVER_HTTP_PORT=str(ports.http),
+        MLSERVER_GRPC_PORT=str(ports.grpc),
+        MLSERVER_METRICS_PORT=str(ports.metrics),
+        MLFLOW_TRACKING_URI=registry.tracking_uri,
+    )
+    return env
+
+
+def served_models(settings_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(settings_dir.glob("*/model-settings.json"))]
+
+
+def sample_request(registry: Registry, model: dict) -> dict | None:
+    """A V2 request built from the input example MLflow logged with the model."""
+    from runtimes.registry_sklearn import ModelLoadError, fetch
+
+    try:
+        example = fetch(model["parameters"]["uri"], registry.tracking_uri) / "input_example.json"
+    except (KeyError, ModelLoadError):
+        return None
+    if not example.is_file():
+        return None
+    try:
+        rows = json.loads(example.read_text())
+        rows = rows.get("data", rows) if isinstance(rows, dict) else rows
+        rows = rows[:1]
+        flat = [float(x) for row in rows for x in row]
+    except (ValueError, TypeError, AttributeError, IndexError):
+        return None
+    return {"inputs": [{"name": "input-0", "shape": [len(rows), len(rows[0])], "datatype": "FP64", "data": flat}]}
+
+
+def wait_ready(ports: Ports, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    url = f"http://127.0.0.1:{ports.http}/v2/health/ready"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def banner(settings_dir: Path, registry: Registry, ports: Ports) -> str:
+    models = served_models(settings_dir)
+    lines = [
+        f"MLServer is ready with {len(models)} model(s): {', '.join(m['name'] for m in models)}",
+        f"  REST     http://127.0.0.1:{ports.http}/v2/models/<name>/infer",
+        f"  gRPC     127.0.0.1:{ports.grpc}  (inference.GRPCInferenceService)",
+        f"  metrics  http://127.0.0.1:{ports.metrics}/metrics",
+    ]
+    samples = [(m["name"], b) for m in models if (b := sample_request(registry, m)) is not None]
+    if samples:
+        name, body = min(samples, key=lambda s: len(s[1]["inputs"][0]["data"]))  # the shortest to paste
+        lines += [
+            "Try:",
+            f"  curl -s http://127.0.0.1:{ports.http}/v2/models/{name}/infer "
+            f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+        ]
+    lines.append("Ctrl-C stops the server.")
+    return "\n".join(lines)
+
+
+def serve(settings_dir: Path, registry: Registry, ports: Ports, echo=print) -> int:
+    proc = subprocess.Popen(mlserver_command(settings_dir), env=server_env(registry, ports))
+    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    if wait_ready(ports, proc):
+        echo(banner(settings_dir, registry, ports))
+    return proc.wait()

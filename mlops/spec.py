@@ -1,0 +1,132 @@
+"""The deployment spec (`deployments.yaml`): the one file an ML engineer edits.
+
+Every error names the file and the dotted field path, so a reviewer can fix a
+spec without reading this code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # usable as MLServer model and Kubernetes names
+
+
+class SpecError(Exception):
+    """A deployment spec that cannot be used; the message is one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Variant(_Strict):
+    alias: str | None = None
+    version: int | None = Field(default=None, ge=1)
+    weight: int = Field(default=0, ge=0, le=100)
+    shadow: bool = False
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> "Variant":
+        if (self.alias is None) == (self.version is None):
+            raise ValueError("name exactly one of 'alias' or 'version'")
+        if self.alias is not None and self.alias.lower() == "latest":
+            raise ValueError("'latest' is not an alias; name an alias or pin a version")
+        if self.shadow and self.weight:
+            raise ValueError("a shadow variant takes no weight (it gets a copy of every request)")
+        return self
+
+
+class EnvironmentOverride(_Strict):
+    weights: dict[str, int] = Field(default_factory=dict)
+
+
+class Model(_Strict):
+    variants: dict[str, Variant] = Field(min_length=1)
+    environments: dict[str, EnvironmentOverride] = Field(default_factory=dict)
+
+    def weights(self, env: str | None = None) -> dict[str, int]:
+        """Weights of the live (non-shadow) variants, with `env`'s overrides applied."""
+        live = {n: v.weight for n, v in self.variants.items() if not v.shadow}
+        if env is not None and env in self.environments:
+            live.update(self.environments[env].weights)
+        return live
+
+
+class Environment(_Strict):
+    replicas: int = Field(default=1, ge=1)
+    cpu: str = "250m"
+    memory: str = "512Mi"
+
+
+class DeploymentSpec(_Strict):
+    environments: dict[str, Environment] = Field(
+        default_factory=lambda: {"dev": Environment(), "stage": Environment(), "prod": Environment()}
+    )
+    models: dict[str, Model] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeploymentSpec":
+        for name in [*self.models, *self.environments]:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"'{name}' must be lower-case letters, digits and '-'")
+        for mname, model in self.models.items():
+            for vname in model.variants:
+                if not re.match(NAME_RE, vname):
+                    raise ValueError(f"models.{mname}.variants.{vname}: name must be lower-case letters, digits and '-'")
+            for env, override in model.environments.items():
+                where = f"models.{mname}.environments.{env}"
+                if env not in self.environments:
+                    raise ValueError(f"{where}: unknown environment (declared: {', '.join(self.environments)})")
+                for vname, w in override.weights.items():
+                    variant = model.variants.get(vname)
+                    if variant is None:
+                        raise ValueError(f"{where}.weights.{vname}: no such variant")
+                    if variant.shadow:
+                        raise ValueError(f"{where}.weights.{vname}: a shadow variant takes no weight")
+                    if not 0 <= w <= 100:
+                        raise ValueError(f"{where}.weights.{vname}: must be between 0 and 100 (got {w})")
+            for env in [None, *model.environments]:
+                weights = model.weights(env)
+                where = f"models.{mname}" + (f".environments.{env}.weights" if env else ".variants")
+                if not weights:
+                    raise ValueError(f"{where}: needs at least one variant that is not a shadow")
+                if sum(weights.values()) != 100:
+                    detail = " + ".join(f"{n}={w}" for n, w in weights.items())
+                    raise ValueError(f"{where}: weights must sum to 100 (got {detail} = {sum(weights.values())})")
+        return self
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    where = f"{loc}: " if loc else ""
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{path.name}: {where}{msg}"
+
+
+def load_spec(path: Path) -> DeploymentSpec:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read deployment spec ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path.name}{at}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path.name}: expected a mapping with a 'models' key, got {type(data).__name__}")
+    try:
+        return DeploymentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_error(path, exc)) from None

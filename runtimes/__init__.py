@@ -1,0 +1,1 @@
+"""MLServer runtimes of this project; name them in model-settings as `runtimes.<module>.<Class>`."""

@@ -1,0 +1,182 @@
+"""Serve an MLflow-logged scikit-learn model straight from its registry artifact.
+
+The stock `mlserver_mlflow` runtime goes through pyfunc and pandas on every
+request; this one reads the MLmodel file, loads the skops file with the trusted
+types recorded there, and predicts on numpy tensors. Models of other flavors
+fall back to pyfunc.
+
+Model-settings `parameters.extra` knobs:
+  skops_trusted_types: extra skops types to trust beyond those recorded in MLmodel
+  allow_pickle: load pickle/cloudpickle artifacts (they run arbitrary code on load)
+  predict_fn: default output when a request names none ("predict" or "predict_proba")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import yaml
+from mlserver.codecs import NumpyCodec, NumpyRequestCodec
+from mlserver.errors import InferenceError, InvalidModelURI, MLServerError
+from mlserver.model import MLModel
+from mlserver.types import InferenceRequest, InferenceResponse, RequestOutput
+from mlserver.utils import get_model_uri
+
+PREDICT = "predict"
+PREDICT_PROBA = "predict_proba"
+VALID_OUTPUTS = (PREDICT, PREDICT_PROBA)
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+
+
+class ModelLoadError(MLServerError):
+    """The artifact is missing, corrupt or not allowed; the message says which."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg, status_code=500)
+
+
+def fetch(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local directory holding the model.
+
+    `models:/name/version` is resolved through the registry (MLFLOW_TRACKING_URI);
+    local artifacts are used in place, remote ones (s3://, mlflow-artifacts:/) downloaded.
+    """
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    try:
+        if uri.startswith("models:/"):
+            name, _, version = uri.removeprefix("models:/").partition("/")
+            uri = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            path = Path(url2pathname(parsed.path) if parsed.scheme else uri)
+            if not path.exists():
+                raise ModelLoadError(f"model artifact not found at {uri}")
+            return path
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - surfaced with the URI the user configured
+        raise ModelLoadError(f"cannot fetch model artifact {uri}: {str(exc).splitlines()[0]}") from None
+
+
+def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle: bool = False):
+    """Load with skops and the recorded trusted types; refuse pickles unless allowed."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES) if model_dir.is_dir() else []
+        if pickles and not allow_pickle:
+            raise ModelLoadError(
+                f"{model_dir / pickles[0]}: refusing to load a pickle (it can run arbitrary code); "
+                "log the model with MLflow's skops format, or set parameters.extra.allow_pickle: true"
+            )
+        if pickles:
+            import joblib
+
+            return joblib.load(model_dir / pickles[0])
+        raise ModelLoadError(f"{model_dir}: no MLmodel file; is this an MLflow model artifact?")
+
+    try:
+        meta = yaml.safe_load(mlmodel.read_text())
+        flavors = meta["flavors"]
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{mlmodel}: unreadable MLmodel file ({exc})") from None
+
+    sk = flavors.get("sklearn")
+    if sk is None:
+        pyfunc = flavors.get("python_function", {})
+        if "python_model" in pyfunc and not allow_pickle:
+            raise ModelLoadError(
+                f"{model_dir}: python_function model is cloudpickled; set parameters.extra.allow_pickle: true to load it"
+            )
+        import mlflow.pyfunc
+
+        return mlflow.pyfunc.load_model(str(model_dir))
+
+    path = model_dir / sk["pickled_model"]
+    fmt = sk.get("serialization_format", "cloudpickle")
+    if fmt != "skops":
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path}: refusing to load a {fmt} artifact (it can run arbitrary code); "
+                "log the model with serialization_format='skops', or set parameters.extra.allow_pickle: true"
+            )
+        import cloudpickle
+
+        with open(path, "rb") as f:
+            return cloudpickle.load(f)
+
+    import skops.io as sio
+
+    trusted = sorted(set(sk.get("skops_trusted_types") or []) | set(extra_trusted))
+    try:
+        untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in trusted]
+        if untrusted:
+            raise ModelLoadError(
+                f"{path}: refusing to load untrusted skops type(s) {', '.join(untrusted)}; "
+                "they are not recorded as trusted in MLmodel (parameters.extra.skops_trusted_types can add them)"
+            )
+        return sio.load(path, trusted=trusted)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt file must say which file
+        raise ModelLoadError(f"{path}: cannot load skops file ({type(exc).__name__}: {exc})") from None
+
+
+class RegistrySKLearnRuntime(MLModel):
+    async def load(self) -> bool:
+        extra = (self.settings.parameters.extra or {}) if self.settings.parameters else {}
+        try:
+            uri = await get_model_uri(self.settings)
+        except InvalidModelURI:
+            raise ModelLoadError(f"model artifact not found at {self.settings.parameters.uri}") from None
+        model_dir = fetch(uri)
+        self._model = load_estimator(
+            model_dir,
+            extra_trusted=extra.get("skops_trusted_types", []),
+            allow_pickle=bool(extra.get("allow_pickle", False)),
+        )
+        self._default_output = extra.get("predict_fn", PREDICT)
+        self._n_features = getattr(self._model, "n_features_in_", None)
+        self._has_proba = hasattr(self._model, PREDICT_PROBA)
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        names = [o.name for o in payload.outputs] if payload.outputs else [self._default_output]
+        for name in names:
+            if name not in VALID_OUTPUTS:
+                raise InferenceError(f"unknown output '{name}'; this model offers {', '.join(self._outputs())}")
+            if name == PREDICT_PROBA and not self._has_proba:
+                raise InferenceError(f"output '{PREDICT_PROBA}' is not offered by this model (a regressor); ask for '{PREDICT}'")
+        X = self._features(payload)
+        outputs = [NumpyCodec.encode_output(name, np.asarray(getattr(self._model, name)(X))) for name in names]
+        return InferenceResponse(model_name=self.name, model_version=self.version, outputs=outputs)
+
+    def _outputs(self) -> list[str]:
+        return [PREDICT, PREDICT_PROBA] if self._has_proba else [PREDICT]
+
+    def _features(self, payload: InferenceRequest) -> np.ndarray:
+        if len(payload.inputs) != 1:
+            raise InferenceError(f"expected exactly one input tensor of rows x features, got {len(payload.inputs)}")
+        try:
+            X = NumpyRequestCodec.decode_request(payload)
+        except Exception as exc:  # noqa: BLE001 - codec errors become client errors
+            raise InferenceError(f"cannot decode input '{payload.inputs[0].name}': {exc}") from None
+        if X.dtype.kind not in "fiub":
+            raise InferenceError(f"input '{payload.inputs[0].name}' must be numeric, got datatype {payload.inputs[0].datatype}")
+        if X.ndim == 1:
+            X = X.reshape(1, -1)
+        if X.ndim != 2:
+            raise InferenceError(f"input '{payload.inputs[0].name}' must have shape [rows, features], got {list(X.shape)}")
+        if self._n_features is not None and X.shape[1] != self._n_features:
+            raise InferenceError(
+                f"input '{payload.inputs[0].name}' has {X.shape[1]} features per row, the model expects {self._n_features}"
+            )
+        if X.dtype.kind == "f" and not np.isfinite(X).all():
+            raise InferenceError(f"input '{payload.inputs[0].name}' contains NaN or Inf")
+        return X
+

@@ -1,0 +1,141 @@
+"""Shared fixtures: a trained project in a temporary folder and a real MLServer serving it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MLOPS = str(Path(sys.executable).with_name("mlops"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlops(project: Path, *args: str, env: dict | None = None, check: bool = False, timeout: float = 300):
+    """Run the real `mlops` command in `project`, against its embedded registry unless env says otherwise."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full_env["MLOPS_PROJECT_DIR"] = str(project)
+    full_env.update(env or {})
+    proc = subprocess.run([MLOPS, *args], cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlops {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def in_registry(project: Path, code: str) -> str:
+    """Run `code` with `client` bound to the project's registry, in a fresh process.
+
+    MLflow keeps per-process state (store and engine caches, an exported
+    MLFLOW_TRACKING_URI) that makes one process unreliable across registries.
+    """
+    prelude = (
+        "import sys; from pathlib import Path; from mlops.registry import default_registry; "
+        f"client = default_registry(Path({str(project)!r})).client()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError(f"registry call failed:\n{proc.stderr}")
+    return proc.stdout.strip()
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def new_project(dest: Path, spec_text: str | None = None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "deployments.yaml").write_text(spec_text or (REPO / "deployments.yaml").read_text())
+    return dest
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_registry(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; keep one test's registry out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A project folder whose embedded registry holds every trained model, synced once."""
+    project = new_project(tmp_path_factory.mktemp("trained"))
+    mlops(project, "train", check=True)
+    mlops(project, "sync", check=True)
+    return project
+
+
+@pytest.fixture
+def project(trained, tmp_path) -> Path:
+    """A private copy of the trained project (registry included) that a test may change."""
+    dest = tmp_path / "project"
+    shutil.copytree(trained, dest, symlinks=True)
+    return dest
+
+
+class Server:
+    def __init__(self, project: Path, env: dict | None = None):
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.log = open(project / "mlserver.log", "w+")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        full_env.update(MLOPS_PROJECT_DIR=str(project), **(env or {}))
+        self.proc = subprocess.Popen(
+            [MLOPS, "serve", "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
+            cwd=project, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.http}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlops serve exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"MLServer not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(trained):
+    srv = Server(trained)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

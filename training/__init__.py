@@ -1,0 +1,1 @@
+"""Training jobs: fit, log and register models in MLflow."""
