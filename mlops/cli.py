@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .registry import RegistryError, default_registry
+from .registry import RegistryError, default_registry, embedded_write_lock
 from .spec import SpecError
 
 app = typer.Typer(
@@ -57,9 +57,13 @@ def _train(models: list[str]) -> None:
     unknown = [m for m in models if m not in JOBS]
     if unknown:
         fail(f"no training job for {', '.join(unknown)} (jobs: {', '.join(JOBS)})")
-    registry = default_registry(project_root())
+    root = project_root()
+    registry = default_registry(root)
     out.print(f"Registry: {registry.tracking_uri}", highlight=False)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+    with (
+        embedded_write_lock(root, registry, on_wait=lambda msg: err.print(msg, highlight=False)),
+        Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as bar,
+    ):
         task = bar.add_task("training", total=len(models))
         for name in models:
             try:
@@ -84,31 +88,50 @@ def train(
     _train(model or list(JOBS))
 
 
-def _sync(check: bool) -> list[str]:
+def _sync(check: bool, reload: list[str] = ()):
+    from .serve import ServerError, reload_models
     from .sync import sync as do_sync
 
     root = project_root()
     registry = default_registry(root)
     try:
-        changed, diff = do_sync(root, registry, check=check)
+        result = do_sync(root, registry, check=check)
     except (SpecError, RegistryError) as exc:
         fail(str(exc))
-    if check and changed:
-        sys.stdout.writelines(diff)
-        fail(f"{', '.join(changed)} out of date with deployments.yaml and the registry; run `mlops sync`")
-    return changed
+    if check and result.changed:
+        sys.stdout.writelines(result.diff)
+        fail(f"{', '.join(result.changed)} out of date with deployments.yaml and the registry; run `mlops sync`")
+    for url in reload:
+        try:
+            reload_models(url, result.models_changed, result.models_removed)
+        except ServerError as exc:
+            fail(str(exc))
+        if result.models_changed or result.models_removed:
+            out.print(f"{url}: reloaded {', '.join(result.models_changed + result.models_removed)}", highlight=False)
+    return result
 
 
 @app.command()
 def sync(
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if generated files are stale.")] = False,
+    reload: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--reload",
+            metavar="URL",
+            help="After writing, make the MLServer at URL (e.g. http://127.0.0.1:8080) load changed models "
+            "and unload removed ones, without downtime. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Resolve aliases in deployments.yaml to registry versions; write model-settings/ and seldon/."""
-    changed = _sync(check)
+    if check and reload:
+        fail("--check writes nothing, so there is nothing to --reload")
+    result = _sync(check, reload or [])
     if check:
         out.print("generated files are up to date")
     else:
-        out.print(f"updated {', '.join(changed)}" if changed else "generated files already up to date")
+        out.print(f"updated {', '.join(result.changed)}" if result.changed else "generated files already up to date")
 
 
 @app.command()
@@ -148,6 +171,46 @@ def up(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: Met
     serve(http_port, grpc_port, metrics_port)
 
 
+@app.command("registry-server", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def registry_server(
+    ctx: typer.Context,
+    backend_store_uri: Annotated[
+        Optional[str],
+        typer.Option(envvar="MLOPS_BACKEND_STORE_URI", help="postgresql://user:pw@host/db or mysql+pymysql://user:pw@host/db."),
+    ] = None,
+    artifacts_destination: Annotated[
+        Optional[str],
+        typer.Option(envvar="MLOPS_ARTIFACTS_DESTINATION", help="Folder or s3://bucket/path (default: .mlops/registry-server/artifacts)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback requires auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the REST API and UI.")] = 5000,
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 4,
+    auth: Annotated[bool, typer.Option("--auth/--no-auth", help="MLflow basic auth; --no-auth only on loopback.")] = True,
+    auth_db_uri: Annotated[
+        Optional[str],
+        typer.Option(envvar="MLOPS_AUTH_DB_URI", help="Users and permissions (default: SQLite in .mlops/registry-server/)."),
+    ] = None,
+    admin_username: Annotated[str, typer.Option(envvar="MLOPS_REGISTRY_ADMIN_USERNAME", help="Admin created on first start.")] = "admin",
+    default_permission: Annotated[str, typer.Option(help="What users may do with what others created.")] = "READ",
+) -> None:
+    """Start the team's MLflow registry: database backend, proxied artifacts, basic auth.
+
+    The admin password comes from MLOPS_REGISTRY_ADMIN_PASSWORD or a prompt.
+    Arguments after `--` go to `mlflow server` as they are, e.g. `-- --allowed-hosts mlflow.example.com`.
+    """
+    from . import registry_server as server
+
+    opts = server.Options(
+        backend_store_uri=backend_store_uri, artifacts_destination=artifacts_destination, auth_db_uri=auth_db_uri,
+        host=host, port=port, workers=workers, auth=auth, admin_username=admin_username,
+        default_permission=default_permission.upper(), extra_args=tuple(ctx.args),
+    )  # fmt: skip
+    try:
+        server.run(opts, project_root(), echo=lambda line: out.print(line, highlight=False, soft_wrap=True))
+    except server.ConfigError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def validate(
     crds_dir: Annotated[
@@ -158,6 +221,23 @@ def validate(
     from . import validate as validation
 
     raise typer.Exit(validation.main(project_root(), crds_dir))
+
+
+@app.command()
+def dashboards(
+    check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if generated files are stale.")] = False,
+) -> None:
+    """Generate the Grafana dashboards and the PrometheusRule under clusters/base/monitoring/."""
+    from . import dashboards as gen
+
+    result = gen.write(project_root(), check=check)
+    if check and result.changed:
+        sys.stdout.writelines(result.diff)
+        fail(f"{', '.join(result.changed)} out of date with mlops/dashboards.py; run `mlops dashboards`")
+    if check:
+        out.print("dashboards and alerts are up to date")
+    else:
+        out.print(f"updated {', '.join(result.changed)}" if result.changed else "dashboards and alerts already up to date", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

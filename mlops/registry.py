@@ -8,8 +8,10 @@ in the project root, which git ignores.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,29 @@ def default_registry(root: Path) -> Registry:
     state = (root / STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
     return Registry(f"sqlite:///{state / 'mlflow.db'}", (state / "artifacts").as_uri())
+
+
+@contextmanager
+def embedded_write_lock(root: Path, registry: Registry, on_wait=lambda msg: None):
+    """Concurrent jobs on the embedded registry take turns.
+
+    SQLite has one writer at a time and MLflow's first use creates the schema, so parallel
+    jobs would otherwise die with "database is locked". A database server needs no turns.
+    """
+    if not registry.embedded:
+        yield
+        return
+    path = root.resolve() / STATE_DIR / "train.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait(f"waiting for another training job on the embedded registry ({STATE_DIR}/train.lock)...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def fail_fast_http() -> None:

@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +30,38 @@ def mlserver_command(settings_dir: Path) -> list[str]:
     return [str(exe) if exe.exists() else (shutil.which("mlserver") or "mlserver"), "start", str(settings_dir)]
 
 
-def server_env(registry: Registry, ports: Ports) -> dict[str, str]:
-    """MLServer reads its ports from MLSERVER_*; runtimes reach the registry through MLFLOW_TRACKING_URI."""
+class ServerError(Exception):
+    pass
+
+
+def server_env(registry: Registry, ports: Ports, metrics_dir: str) -> dict[str, str]:
+    """MLServer reads its settings from MLSERVER_*; runtimes reach the registry through MLFLOW_TRACKING_URI.
+
+    Each server gets a fresh metrics folder: files left by an earlier run would be counted again.
+    """
     env = dict(os.environ)
     env.update(
         MLSERVER_HTTP_PORT=str(ports.http),
         MLSERVER_GRPC_PORT=str(ports.grpc),
         MLSERVER_METRICS_PORT=str(ports.metrics),
+        MLSERVER_METRICS_DIR=metrics_dir,
         MLFLOW_TRACKING_URI=registry.tracking_uri,
     )
     return env
+
+
+def reload_models(url: str, changed: list[str], removed: list[str]) -> None:
+    """MLServer's repository API: `load` of a loaded model swaps in the new one once it is ready."""
+    for verb, names in (("load", changed), ("unload", removed)):
+        for name in names:
+            req = urllib.request.Request(f"{url.rstrip('/')}/v2/repository/models/{name}/{verb}", method="POST", data=b"")
+            try:
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    r.read()
+            except urllib.error.HTTPError as exc:
+                raise ServerError(f"{url}: {verb} of model '{name}' failed: {exc.code} {exc.read().decode(errors='replace')}") from None
+            except OSError as exc:
+                raise ServerError(f"cannot reach MLServer at {url} to {verb} '{name}': {exc}") from None
 
 
 def served_models(settings_dir: Path) -> list[dict]:
@@ -49,8 +73,10 @@ def sample_request(registry: Registry, model: dict) -> dict | None:
     from runtimes.registry_sklearn import ModelLoadError, fetch
 
     try:
-        example = fetch(model["parameters"]["uri"], registry.tracking_uri) / "input_example.json"
-    except (KeyError, ModelLoadError):
+        params = model["parameters"]
+        uri = params.get("uri") or params["extra"]["variants"][0]["uri"]  # a router: its first variant's
+        example = fetch(uri, registry.tracking_uri) / "input_example.json"
+    except (KeyError, IndexError, ModelLoadError):
         return None
     if not example.is_file():
         return None
@@ -99,10 +125,11 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports) -> str:
 
 
 def serve(settings_dir: Path, registry: Registry, ports: Ports, echo=print) -> int:
-    proc = subprocess.Popen(mlserver_command(settings_dir), env=server_env(registry, ports))
-    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    if wait_ready(ports, proc):
-        echo(banner(settings_dir, registry, ports))
-    return proc.wait()
+    with tempfile.TemporaryDirectory(prefix="mlserver-metrics-") as metrics_dir:
+        proc = subprocess.Popen(mlserver_command(settings_dir), env=server_env(registry, ports, metrics_dir))
+        forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        if wait_ready(ports, proc):
+            echo(banner(settings_dir, registry, ports))
+        return proc.wait()

@@ -25,6 +25,8 @@ from mlserver.model import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, RequestOutput
 from mlserver.utils import get_model_uri
 
+from . import metrics
+
 PREDICT = "predict"
 PREDICT_PROBA = "predict_proba"
 VALID_OUTPUTS = (PREDICT, PREDICT_PROBA)
@@ -57,7 +59,7 @@ def fetch(uri: str, tracking_uri: str | None = None) -> Path:
             if not path.exists():
                 raise ModelLoadError(f"model artifact not found at {uri}")
             return path
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - surfaced with the URI the user configured
@@ -128,7 +130,25 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
 
 
 class RegistrySKLearnRuntime(MLModel):
+    embedded = False  # a router's variant: the router reports load and readiness under its own name
+
     async def load(self) -> bool:
+        try:
+            await self._load()
+        except Exception:
+            if not self.embedded:
+                metrics.model_loaded(self.name, ok=False)
+            raise
+        if not self.embedded:
+            metrics.model_loaded(self.name, ok=True)
+        return True
+
+    async def unload(self) -> bool:
+        if not self.embedded:
+            metrics.model_unloaded(self.name)
+        return True
+
+    async def _load(self) -> None:
         extra = (self.settings.parameters.extra or {}) if self.settings.parameters else {}
         try:
             uri = await get_model_uri(self.settings)
@@ -143,7 +163,6 @@ class RegistrySKLearnRuntime(MLModel):
         self._default_output = extra.get("predict_fn", PREDICT)
         self._n_features = getattr(self._model, "n_features_in_", None)
         self._has_proba = hasattr(self._model, PREDICT_PROBA)
-        return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         names = [o.name for o in payload.outputs] if payload.outputs else [self._default_output]

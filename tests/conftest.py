@@ -88,6 +88,7 @@ def project(trained, tmp_path) -> Path:
 
 class Server:
     def __init__(self, project: Path, env: dict | None = None):
+        self.project = project
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = open(project / "mlserver.log", "w+")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

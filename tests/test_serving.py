@@ -16,7 +16,9 @@ from training.catalog import JOBS
 
 
 def served(project):
-    return [json.loads(p.read_text()) for p in sorted((project / "model-settings").glob("*/model-settings.json"))]
+    """The variants; routers (tests/test_router.py) answer with one of them."""
+    settings = [json.loads(p.read_text()) for p in sorted((project / "model-settings").glob("*/model-settings.json"))]
+    return [s for s in settings if "variants" not in (s.get("parameters") or {}).get("extra", {})]
 
 
 def reference(project, settings):

@@ -13,6 +13,7 @@ from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ JOBS: dict[str, Job] = {
         "classification",
         {
             "logreg": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)),
-            "random-forest": lambda: RandomForestClassifier(n_estimators=50, max_depth=4, random_state=0),
+            # A single shallow tree: one-row predictions in microseconds (a 50-tree forest takes ~3 ms).
+            "decision-tree": lambda: DecisionTreeClassifier(max_depth=3, random_state=0),
         },
     ),
     "wine": Job(

@@ -1,0 +1,146 @@
+"""Prometheus metrics of this project's runtimes, served on MLServer's metrics port.
+
+Created on first use, not at import: MLServer switches prometheus_client to
+multi-process mode at start-up, and only metrics created after that are
+collected from its parallel workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from collections import Counter as Tally
+from dataclasses import dataclass
+from functools import lru_cache
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# From 0.5 ms: a one-row scikit-learn prediction takes well under a millisecond.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    requests: Counter
+    latency: Histogram
+    weight: Gauge
+    agreement: Counter
+
+
+@lru_cache(maxsize=None)
+def router_metrics() -> RouterMetrics:
+    return RouterMetrics(
+        requests=Counter(
+            "mlops_router_requests",
+            "Requests answered by each variant; role is live or shadow; outcome is ok, client_error, "
+            "error, dropped (shadow queue full) or load_error.",
+            ["model", "variant", "role", "outcome"],
+        ),
+        latency=Histogram(
+            "mlops_router_request_duration_seconds",
+            "Time a variant took to answer, by role (live or shadow).",
+            ["model", "variant", "role"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        weight=Gauge(
+            "mlops_router_variant_weight",
+            "Configured traffic weight of each variant in percent (0 for shadows).",
+            ["model", "variant"],
+            multiprocess_mode="mostrecent",
+        ),
+        agreement=Counter(
+            "mlops_router_shadow_agreement",
+            "Shadow answers compared with the live answer to the same request (agree=true/false).",
+            ["model", "variant", "agree"],
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    loads: Counter
+    ready: Gauge
+    cpu: Gauge
+    memory: Gauge
+
+
+@lru_cache(maxsize=None)
+def model_metrics() -> ModelMetrics:
+    # MLServer 1.7.1 exports neither model lifecycle nor process metrics (its multi-process
+    # collector leaves out prometheus_client's process collector), so the runtimes do.
+    return ModelMetrics(
+        loads=Counter("mlops_model_loads", "Model loads in this server, by outcome (ok or error).", ["model", "outcome"]),
+        ready=Gauge("mlops_model_ready", "1 while the model is loaded and ready in a live worker.", ["model"], multiprocess_mode="livemax"),
+        cpu=Gauge(
+            "mlops_process_cpu_seconds_total", "CPU time (user + system) of an MLServer process.",
+            ["process", "pid"], multiprocess_mode="livemostrecent",
+        ),
+        memory=Gauge(
+            "mlops_process_resident_memory_bytes", "Resident memory of an MLServer process.",
+            ["process", "pid"], multiprocess_mode="livemostrecent",
+        ),
+    )
+
+
+_loaded: Tally = Tally()  # loaded instances per model name in this process: a reload loads the new one before unloading the old
+
+
+def model_loaded(name: str, ok: bool) -> None:
+    m = model_metrics()
+    m.loads.labels(name, "ok" if ok else "error").inc()
+    if ok:
+        _loaded[name] += 1
+        m.ready.labels(name).set(1)
+        _start_process_sampler()
+
+
+def model_unloaded(name: str) -> None:
+    _loaded[name] = max(0, _loaded[name] - 1)
+    model_metrics().ready.labels(name).set(1 if _loaded[name] else 0)
+
+
+PROCESS_SAMPLE_S = 5.0
+_sampler: asyncio.Task | None = None
+
+
+def _proc_stat(pid: int) -> tuple[float, float] | None:
+    """(cpu seconds, resident bytes) from /proc; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    ticks, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    return (int(fields[11]) + int(fields[12])) / ticks, int(fields[21]) * page
+
+
+def sample_processes() -> None:
+    """This worker and its parent, the main MLServer process that serves REST and gRPC."""
+    m = model_metrics()
+    if multiprocessing.parent_process() is None:  # parallel_workers 0: models run in the main process
+        procs = [("main", os.getpid())]
+    else:
+        procs = [("worker", os.getpid()), ("main", os.getppid())]
+    for role, pid in procs:
+        stat = _proc_stat(pid)
+        if stat is not None:
+            m.cpu.labels(role, str(pid)).set(stat[0])
+            m.memory.labels(role, str(pid)).set(stat[1])
+
+
+def _start_process_sampler() -> None:
+    global _sampler
+    if _sampler is not None and not _sampler.done():
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+
+    async def run() -> None:
+        while True:
+            sample_processes()
+            await asyncio.sleep(PROCESS_SAMPLE_S)
+
+    _sampler = loop.create_task(run())

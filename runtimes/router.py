@@ -1,0 +1,196 @@
+"""A/B router: one public model name (`iris`) answered by a variant chosen by weight.
+
+The variants run inside this model, in this process: no second HTTP/gRPC hop.
+Model-settings `parameters.extra.variants` (written by `mlops sync`) lists each
+variant's name, registry version, uri, weight and shadow flag.
+
+Routing: a request with a routing key (request parameter `routing_key`, or the
+`x-routing-key` header / gRPC metadata) hashes into one of 10,000 buckets;
+live variants own consecutive bucket ranges in spec order. So a key keeps its
+variant while weights stay fixed, and moving weight between neighbouring
+variants (always the case with two) moves only the keys of the moved share.
+Requests without a key draw a random bucket.
+
+Shadows get a copy of each request after the live answer is computed, through
+a bounded queue served by a background task: the live path only enqueues
+(microseconds), a full queue drops the copy (counted), and a shadow's failure
+or slowness is recorded in metrics, never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mlserver.errors import InferenceError
+from mlserver.model import MLModel
+from mlserver.settings import ModelParameters, ModelSettings
+from mlserver.types import InferenceRequest, InferenceResponse, Parameters
+
+from . import metrics
+from .registry_sklearn import RegistrySKLearnRuntime
+
+logger = logging.getLogger("mlserver.router")
+
+BUCKETS = 10_000
+ROUTING_KEY = "routing_key"
+ROUTING_HEADER = "x-routing-key"
+SHADOW_QUEUE = 256  # pending shadow copies per router; beyond this they are dropped, not queued
+SHADOW_TIMEOUT_S = 2.0  # a shadow answer slower than this counts as an error
+
+
+@dataclass
+class Variant:
+    name: str
+    version: str
+    weight: int
+    shadow: bool
+    model: MLModel
+
+
+def bucket(key: str) -> int:
+    """Stable across processes and restarts (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % BUCKETS
+
+
+def routing_key(payload: InferenceRequest) -> str | None:
+    params = payload.parameters
+    if params is None:
+        return None
+    key = getattr(params, ROUTING_KEY, None)
+    if key is None and params.headers:
+        key = params.headers.get(ROUTING_HEADER)
+    return None if key is None else str(key)
+
+
+def agree(live: InferenceResponse, shadow: InferenceResponse) -> bool:
+    """Same labels for classifiers; within 5% for numeric outputs such as regressions."""
+    a, b = live.outputs[0], shadow.outputs[0]
+    x, y = np.asarray(a.data.root), np.asarray(b.data.root)
+    if x.shape != y.shape:
+        return False
+    if x.dtype.kind == "f" or y.dtype.kind == "f":
+        return bool(np.allclose(x, y, rtol=0.05, atol=1e-9))
+    return bool(np.array_equal(x, y))
+
+
+class RouterRuntime(MLModel):
+    async def load(self) -> bool:
+        try:
+            await self._load()
+        except Exception:
+            metrics.model_loaded(self.name, ok=False)
+            raise
+        metrics.model_loaded(self.name, ok=True)
+        return True
+
+    async def _load(self) -> None:
+        extra = self.settings.parameters.extra or {}
+        specs = extra.get("variants") or []
+        if not specs:
+            raise InferenceError(f"router '{self.name}' lists no variants in parameters.extra.variants")
+        self._variants: list[Variant] = []
+        for spec in specs:
+            model = await self._load_variant(spec, extra)
+            if model is not None:
+                self._variants.append(Variant(spec["name"], str(spec["version"]), int(spec["weight"]), bool(spec["shadow"]), model))
+        self._live = [v for v in self._variants if not v.shadow]
+        self._shadows = [v for v in self._variants if v.shadow]
+        self._table, upper = [], 0
+        for v in self._live:
+            upper += v.weight * BUCKETS // 100
+            self._table.append((upper, v))
+        self._metrics = metrics.router_metrics()
+        for v in self._variants:
+            self._metrics.weight.labels(self.name, v.name).set(0 if v.shadow else v.weight)
+        self._queue: asyncio.Queue | None = None
+
+    async def _load_variant(self, spec: dict, extra: dict) -> MLModel | None:
+        settings = ModelSettings(
+            name=f"{self.name}-{spec['name']}",
+            implementation=RegistrySKLearnRuntime,
+            parameters=ModelParameters(uri=spec["uri"], version=str(spec["version"]), extra=extra.get("runtime", {})),
+        )
+        settings._source = self.settings._source
+        model = RegistrySKLearnRuntime(settings)
+        model.embedded = True
+        try:
+            await model.load()
+        except Exception as exc:
+            if not spec.get("shadow"):
+                raise
+            logger.error("router %s: shadow variant %s not loaded, shadowing disabled for it: %s", self.name, spec["name"], exc)
+            metrics.router_metrics().requests.labels(self.name, spec["name"], "shadow", "load_error").inc()
+            return None
+        return model
+
+    def choose(self, key: str | None) -> Variant:
+        b = bucket(key) if key is not None else random.randrange(BUCKETS)
+        for upper, v in self._table:
+            if b < upper:
+                return v
+        return self._table[-1][1]
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        variant = self.choose(routing_key(payload))
+        m = self._metrics
+        start = time.perf_counter()
+        try:
+            response = await variant.model.predict(payload)
+        except InferenceError:
+            m.requests.labels(self.name, variant.name, "live", "client_error").inc()
+            raise
+        except Exception:
+            m.requests.labels(self.name, variant.name, "live", "error").inc()
+            raise
+        m.latency.labels(self.name, variant.name, "live").observe(time.perf_counter() - start)
+        m.requests.labels(self.name, variant.name, "live", "ok").inc()
+        for shadow in self._shadows:
+            self._enqueue_shadow(shadow, payload, response)
+        response.model_name = self.name
+        response.model_version = variant.version
+        params = response.parameters or Parameters()
+        params.variant = variant.name
+        params.headers = {"x-variant": variant.name, "x-model-version": variant.version}
+        response.parameters = params
+        return response
+
+    def _enqueue_shadow(self, shadow: Variant, payload: InferenceRequest, live: InferenceResponse) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=SHADOW_QUEUE)
+            self._worker = asyncio.get_running_loop().create_task(self._shadow_worker())
+        try:
+            self._queue.put_nowait((shadow, payload, live))
+        except asyncio.QueueFull:
+            self._metrics.requests.labels(self.name, shadow.name, "shadow", "dropped").inc()
+
+    async def _shadow_worker(self) -> None:
+        m = self._metrics
+        while True:
+            shadow, payload, live = await self._queue.get()
+            start = time.perf_counter()
+            try:
+                answer = await asyncio.wait_for(shadow.model.predict(payload), SHADOW_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a shadow never fails the live path
+                m.requests.labels(self.name, shadow.name, "shadow", "error").inc()
+                logger.debug("router %s: shadow %s failed: %s", self.name, shadow.name, exc)
+                continue
+            finally:
+                m.latency.labels(self.name, shadow.name, "shadow").observe(time.perf_counter() - start)
+            m.requests.labels(self.name, shadow.name, "shadow", "ok").inc()
+            m.agreement.labels(self.name, shadow.name, str(agree(live, answer)).lower()).inc()
+
+    async def unload(self) -> bool:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.cancel()
+        for v in self._variants:
+            await v.model.unload()
+        metrics.model_unloaded(self.name)
+        return True
+
