@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 
-.PHONY: install up test lock sync-check clean
+.PHONY: install system-packages up test lock clean
 
 install: $(VENV)/.installed
 
@@ -17,12 +17,19 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
+# Debian packages the tests drive as real parts: Prometheus and promtool.
+system-packages:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian package prometheus (for prometheus and promtool)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || { \
+	  echo "error: could not install prometheus; run: sudo apt-get install prometheus" >&2; exit 1; }
+
 up: install
 	$(BIN)/mlops up
 
 # Two pytest sessions: tests/in_process imports MLServer itself, which cannot share a
 # process with tritonclient.grpc (both register the `inference` protobuf package).
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest -q tests --ignore=tests/in_process
 	$(BIN)/python -m pytest -q tests/in_process
 

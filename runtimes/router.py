@@ -33,7 +33,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 
 from . import metrics
-from .registry_sklearn import RegistrySKLearnRuntime
+from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
 
 logger = logging.getLogger("mlserver.router")
 
@@ -93,7 +93,7 @@ class RouterRuntime(MLModel):
         extra = self.settings.parameters.extra or {}
         specs = extra.get("variants") or []
         if not specs:
-            raise InferenceError(f"router '{self.name}' lists no variants in parameters.extra.variants")
+            raise ModelLoadError(f"router '{self.name}' lists no variants in parameters.extra.variants")
         self._variants: list[Variant] = []
         for spec in specs:
             model = await self._load_variant(spec, extra)

@@ -7,6 +7,8 @@ tmp_path, so no registry, cluster or previous `mlops sync` is needed; kubectl mu
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import difflib
 import importlib.metadata
 import shutil
@@ -246,3 +248,14 @@ def test_sops_encrypted_secret_and_real_dashboard_pass(repo):
 def test_missing_kubectl_is_explained(repo, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert validate(repo, CRDS) == [KUBECTL_MISSING]
+
+
+def test_committed_repository_is_valid():
+    """What CI's `mlops validate` checks: the clusters and generated manifests as committed."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("mlops")), "validate"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLOPS_PROJECT_DIR": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "are valid" in proc.stdout
