@@ -48,6 +48,13 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def fail_if_stale(changed: list[str], diff: list[str], source: str, command: str) -> None:
+    """`--check` for CI: print the diff, name what is stale and how to regenerate it."""
+    if changed:
+        sys.stdout.writelines(diff)
+        fail(f"{', '.join(changed)} out of date with {source}; run `{command}`")
+
+
 def _train(models: list[str]) -> None:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -98,9 +105,8 @@ def _sync(check: bool, reload: list[str] = ()):
         result = do_sync(root, registry, check=check)
     except (SpecError, RegistryError) as exc:
         fail(str(exc))
-    if check and result.changed:
-        sys.stdout.writelines(result.diff)
-        fail(f"{', '.join(result.changed)} out of date with deployments.yaml and the registry; run `mlops sync`")
+    if check:
+        fail_if_stale(result.changed, result.diff, "deployments.yaml and the registry", "mlops sync")
     for url in reload:
         try:
             reload_models(url, result.models_changed, result.models_removed)
@@ -231,9 +237,8 @@ def dashboards(
     from . import dashboards as gen
 
     result = gen.write(project_root(), check=check)
-    if check and result.changed:
-        sys.stdout.writelines(result.diff)
-        fail(f"{', '.join(result.changed)} out of date with mlops/dashboards.py; run `mlops dashboards`")
+    if check:
+        fail_if_stale(result.changed, result.diff, "mlops/dashboards.py", "mlops dashboards")
     if check:
         out.print("dashboards and alerts are up to date")
     else:

@@ -20,7 +20,6 @@ latency histograms, configured weights, shadow agreement), `mlops_model_loads_to
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
+
+from .sync import diff_tree
 
 MONITORING = Path("clusters/base/monitoring")
 DASHBOARDS_DIR = MONITORING / "dashboards"
@@ -375,30 +376,28 @@ def render() -> dict[Path, str]:
 
 @dataclass
 class Result:
-    changed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # paths relative to the project root
     diff: list[str] = field(default_factory=list)
 
 
 def write(root: Path, check: bool = False) -> Result:
     """Write the generated files (or, with check, only report what differs), removing stale dashboards."""
-    files = {root / p: text for p, text in render().items()}
-    stale = [p for p in sorted((root / DASHBOARDS_DIR).glob("*.yaml")) if p not in files]
-    result = Result()
-    for path in sorted(files) + stale:
-        old = path.read_text() if path.is_file() else ""
-        new = files.get(path, "")
-        if old == new:
-            continue
-        rel = path.relative_to(root).as_posix()
-        result.changed.append(rel)
-        result.diff += difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{rel}", f"b/{rel}")
-        if check:
-            continue
-        if path in files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(new)
-            tmp.replace(path)
-        else:
+    wanted = {p.as_posix(): text for p, text in render().items()}
+    on_disk = [root / rel for rel in wanted] + sorted((root / DASHBOARDS_DIR).glob("*.yaml"))
+    current = {p.relative_to(root).as_posix(): p.read_text() for p in on_disk if p.is_file()}
+    result = Result(
+        changed=sorted(rel for rel in current.keys() | wanted.keys() if current.get(rel) != wanted.get(rel)),
+        diff=diff_tree("", current, wanted),
+    )
+    if check:
+        return result
+    for rel in result.changed:
+        path = root / rel
+        if rel not in wanted:
             path.unlink()
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(wanted[rel])
+        tmp.replace(path)
     return result

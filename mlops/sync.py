@@ -98,7 +98,8 @@ def read_tree(path: Path) -> dict[str, str]:
     return {p.relative_to(path).as_posix(): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def diff_tree(name: str, current: dict[str, str], wanted: dict[str, str]) -> list[str]:
+def diff_tree(prefix: str, current: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    """Unified diff of two {relative path: text} trees, paths shown under `prefix`."""
     lines: list[str] = []
     for rel in sorted(set(current) | set(wanted)):
         a, b = current.get(rel), wanted.get(rel)
@@ -107,8 +108,8 @@ def diff_tree(name: str, current: dict[str, str], wanted: dict[str, str]) -> lis
         lines += difflib.unified_diff(
             (a or "").splitlines(keepends=True),
             (b or "").splitlines(keepends=True),
-            fromfile=f"a/{name}/{rel}" if a is not None else "/dev/null",
-            tofile=f"b/{name}/{rel}" if b is not None else "/dev/null",
+            fromfile=f"a/{prefix}{rel}" if a is not None else "/dev/null",
+            tofile=f"b/{prefix}{rel}" if b is not None else "/dev/null",
         )
     return lines
 
@@ -151,7 +152,7 @@ def sync(root: Path, registry: Registry, check: bool = False) -> SyncResult:
     current = {name: read_tree(root / name) for name in wanted}
     changed, diff = [], []
     for name, files in wanted.items():
-        lines = diff_tree(name, current[name], files)
+        lines = diff_tree(f"{name}/", current[name], files)
         if lines:
             changed.append(name)
             diff += lines

@@ -86,6 +86,16 @@ def model_metrics() -> ModelMetrics:
 _loaded: Tally = Tally()  # loaded instances per model name in this process: a reload loads the new one before unloading the old
 
 
+async def tracked_load(name: str, load) -> None:
+    """Await a runtime's load and report it under the served name, whatever the outcome."""
+    try:
+        await load
+    except Exception:
+        model_loaded(name, ok=False)
+        raise
+    model_loaded(name, ok=True)
+
+
 def model_loaded(name: str, ok: bool) -> None:
     m = model_metrics()
     m.loads.labels(name, "ok" if ok else "error").inc()

@@ -130,25 +130,16 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
 
 
 class RegistrySKLearnRuntime(MLModel):
-    embedded = False  # a router's variant: the router reports load and readiness under its own name
-
     async def load(self) -> bool:
-        try:
-            await self._load()
-        except Exception:
-            if not self.embedded:
-                metrics.model_loaded(self.name, ok=False)
-            raise
-        if not self.embedded:
-            metrics.model_loaded(self.name, ok=True)
+        await metrics.tracked_load(self.name, self.load_model())
         return True
 
     async def unload(self) -> bool:
-        if not self.embedded:
-            metrics.model_unloaded(self.name)
+        metrics.model_unloaded(self.name)
         return True
 
-    async def _load(self) -> None:
+    async def load_model(self) -> None:
+        """Load without reporting readiness: a router loads its variants this way, under its own name."""
         extra = (self.settings.parameters.extra or {}) if self.settings.parameters else {}
         try:
             uri = await get_model_uri(self.settings)

@@ -81,12 +81,7 @@ def agree(live: InferenceResponse, shadow: InferenceResponse) -> bool:
 
 class RouterRuntime(MLModel):
     async def load(self) -> bool:
-        try:
-            await self._load()
-        except Exception:
-            metrics.model_loaded(self.name, ok=False)
-            raise
-        metrics.model_loaded(self.name, ok=True)
+        await metrics.tracked_load(self.name, self._load())
         return True
 
     async def _load(self) -> None:
@@ -118,9 +113,8 @@ class RouterRuntime(MLModel):
         )
         settings._source = self.settings._source
         model = RegistrySKLearnRuntime(settings)
-        model.embedded = True
         try:
-            await model.load()
+            await model.load_model()
         except Exception as exc:
             if not spec.get("shadow"):
                 raise
@@ -189,8 +183,6 @@ class RouterRuntime(MLModel):
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.cancel()
-        for v in self._variants:
-            await v.model.unload()
         metrics.model_unloaded(self.name)
         return True
 
