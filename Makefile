@@ -6,23 +6,26 @@ BIN    := $(VENV)/bin
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 
-.PHONY: install system-packages up test lock clean
+.PHONY: install system-packages up test bench lock clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
-# Debian packages the tests drive as real parts: Prometheus and promtool.
+# Debian packages that are real parts of the system: Prometheus and promtool (dashboard and
+# alert tests), wrk and h2load (the benchmark). command:package pairs.
+DEBIAN := prometheus:prometheus promtool:prometheus wrk:wrk h2load:nghttp2-client
+
 system-packages:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  echo "installing Debian package prometheus (for prometheus and promtool)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || { \
-	  echo "error: could not install prometheus; run: sudo apt-get install prometheus" >&2; exit 1; }
+	@missing=$$(for pair in $(DEBIAN); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done | sort -u | tr '\n' ' '); \
+	[ -z "$$missing" ] || { echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || { \
+	  echo "error: could not install $$missing; run: sudo apt-get install $$missing" >&2; exit 1; }
 
 up: install
 	$(BIN)/mlops up
@@ -33,9 +36,15 @@ test: install system-packages
 	$(BIN)/python -m pytest -q tests --ignore=tests/in_process
 	$(BIN)/python -m pytest -q tests/in_process
 
-# Regenerate requirements.lock after changing dependencies in pyproject.toml.
+# The benchmark (README, "Performance"): about 12 minutes; results in bench/results/.
+bench: install system-packages
+	$(BIN)/mlops bench
+
+# Regenerate the locks after changing dependencies in pyproject.toml: requirements.lock for
+# development and tests, requirements-serving.lock (the same versions, no extras) for the image.
 lock: install
-	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --no-header -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra bench --python-version 3.11 --no-header -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml -c requirements.lock --python-version 3.11 --no-header -o requirements-serving.lock
 
 clean:
 	rm -rf $(VENV) .mlops

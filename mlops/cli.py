@@ -143,6 +143,11 @@ def sync(
 @app.command()
 def serve(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082) -> None:
     """Start MLServer on model-settings/ in the foreground: REST, gRPC and metrics, every model at once."""
+    _serve(http_port, grpc_port, metrics_port)
+
+
+def _serve(http_port: int, grpc_port: int, metrics_port: int, prometheus_port: int | None = None) -> None:
+    from .prometheus import PrometheusError
     from .serve import Ports
     from .serve import serve as run
 
@@ -150,15 +155,35 @@ def serve(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: 
     settings = root / "model-settings"
     if not (settings / "settings.json").is_file():
         fail(f"{settings} has no generated settings; run `mlops sync` first")
-    raise typer.Exit(run(settings, default_registry(root), Ports(http_port, grpc_port, metrics_port), echo=typer.echo))
+    try:
+        code = run(settings, default_registry(root), Ports(http_port, grpc_port, metrics_port), echo=typer.echo, prometheus_port=prometheus_port)
+    except PrometheusError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
 
 
 @app.command()
-def up(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082) -> None:
+def up(
+    http_port: HttpPort = 8080,
+    grpc_port: GrpcPort = 8081,
+    metrics_port: MetricsPort = 8082,
+    with_prometheus: Annotated[
+        bool,
+        typer.Option("--with-prometheus", help="Also run Prometheus (Debian's `prometheus`) scraping the server, with the alert rules loaded."),
+    ] = False,
+    prometheus_port: Annotated[int, typer.Option(help="Port of Prometheus with --with-prometheus.")] = 9090,
+) -> None:
     """The main job: train if the registry lacks the spec's models, sync, then serve."""
     from .registry import fail_fast_http
     from .spec import load_spec
 
+    if with_prometheus:
+        from .prometheus import PrometheusError, binary
+
+        try:
+            binary()
+        except PrometheusError as exc:
+            fail(str(exc))
     root = project_root()
     try:
         spec = load_spec(root / "deployments.yaml")
@@ -174,7 +199,7 @@ def up(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: Met
     if missing:
         _train(missing)
     _sync(check=False)
-    serve(http_port, grpc_port, metrics_port)
+    _serve(http_port, grpc_port, metrics_port, prometheus_port if with_prometheus else None)
 
 
 @app.command("registry-server", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -243,6 +268,41 @@ def dashboards(
         out.print("dashboards and alerts are up to date")
     else:
         out.print(f"updated {', '.join(result.changed)}" if result.changed else "dashboards and alerts already up to date", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def bench(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.json, throughput.png and table.md.")] = Path("bench/results"),
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds; the order of systems rotates every round.")] = 3,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds of load per system, connection count and round.")] = 10,
+    connections: Annotated[str, typer.Option(help="Comma-separated concurrent connection counts.")] = "1,8,64",
+    scale: Annotated[bool, typer.Option("--scale/--no-scale", help="Also measure memory, load and sync time with many models.")] = True,
+    sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="Also compare the chosen server settings with the alternatives.")] = True,
+) -> None:
+    """Load-test the served system against stock MLflowRuntime and a FastAPI monolith (needs wrk and h2load).
+
+    Trains iris into a registry of its own in a temporary folder, so it never
+    touches the project's registry. Takes about 20 minutes with the defaults.
+    """
+    from rich.table import Table
+
+    from . import bench as b
+
+    try:
+        conns = [int(c) for c in connections.split(",") if c.strip()]
+    except ValueError:
+        fail(f"--connections: expected numbers separated by commas, got '{connections}'")
+    try:
+        results = b.run(out_dir, rounds, seconds, conns, scale, sweep, echo=lambda line: err.print(line, highlight=False, markup=False))
+    except b.BenchError as exc:
+        fail(str(exc))
+    grid = Table("target", "measured", "goal", "met")
+    for name, t in results["targets"].items():
+        grid.add_row(name, str(t["value"]), t["target"], "yes" if t["met"] else "[red]no[/]")
+    out.print(grid)
+    out.print(f"results in {out_dir}/ (results.json, throughput.png, table.md)", highlight=False)
+    if any(results["failed_requests"].values()):
+        fail(f"requests failed under load: {results['failed_requests']}")
 
 
 if __name__ == "__main__":

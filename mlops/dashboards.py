@@ -16,6 +16,21 @@ Metric sources. MLServer 1.7.1: `model_infer_request_{success,failure}_total{mod
 sizes). This project's runtimes (runtimes/metrics.py): `mlops_router_*` (per-variant traffic,
 latency histograms, configured weights, shadow agreement), `mlops_model_loads_total`,
 `mlops_model_ready` and `mlops_process_*` (MLServer exports no lifecycle or process metrics).
+
+Per variant, two forms answer the same question, joined by `or` (each is empty where the other
+applies, so their union is whichever exists):
+
+- router form: a local `mlops serve` splits each public name in-process (runtimes/router.py), and
+  the router's `mlops_router_*{model, variant, role}` series describe every variant;
+- pod form: in a cluster Istio splits traffic between variant pods that each run one MLServer,
+  and the PodMonitor gives the pod's series the target labels `model`, `variant` and `role` (the
+  same names and values as the router's), so MLServer's REST and gRPC inference calls of a pod are
+  the requests, errors and latency of one variant. The configured weight comes from the
+  `mlops_variant_weight` rule that `mlops sync` writes into each environment's overlay, beside
+  the router's `mlops_router_variant_weight`.
+
+Shadow agreement has only the router form: Seldon mirrors requests to a shadow pod without
+comparing the answers.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
+from .seldon import WEIGHT_METRIC
 from .sync import diff_tree
 
 MONITORING = Path("clusters/base/monitoring")
@@ -54,6 +70,23 @@ SEL = f'{NS}, model=~"$model"'
 VSEL = f'{SEL}, variant=~"$variant"'
 RI = "$__rate_interval"
 
+NOT_SHADOW = 'role!="shadow"'  # in a cluster a shadow pod's MLServer counts Seldon's mirrored copies; locally there is no role
+POD = 'variant!=""'  # a series of a variant pod: the PodMonitor's target labels
+REST_INFER = 'path=~".*/infer"'
+GRPC_INFER = 'grpc_method="ModelInfer"'
+ERROR_OUTCOMES = 'outcome=~"error|client_error|load_error|dropped"'
+# The request classes of each form: every failure, or only the server's (rejected input excluded).
+ROUTER_ERRORS = {"any": ERROR_OUTCOMES, "server": 'outcome="error"'}
+POD_ERRORS = {
+    "any": ('status_code!~"2.."', 'grpc_code!="OK"'),
+    "server": ('status_code=~"5.."', 'grpc_code=~"UNKNOWN|DEADLINE_EXCEEDED|UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS"'),
+}
+
+
+def _sel(metric: str, *matchers: str) -> str:
+    matchers = [m for m in matchers if m]
+    return f"{metric}{{{', '.join(matchers)}}}" if matchers else metric
+
 
 def infer_rate(by: str, selector: str, window: str) -> str:
     """Requests per second by `by`, failed or not. Not `rate({__name__=~...})`: rate drops the name, and the
@@ -66,10 +99,46 @@ def infer_error_ratio(by: str, selector: str, window: str) -> str:
     return f"sum by ({by}) (rate({_sel('model_infer_request_failure_total', selector)}[{window}])) / {infer_rate(by, selector, window)}"
 
 
-def _sel(metric: str, selector: str) -> str:
-    return f"{metric}{{{selector}}}" if selector else metric
+def variant_requests(by: str, selector: str, window: str, errors: str | None = None, fn: str = "rate") -> str:
+    """Requests answered per `by` (labels among namespace, model, variant, role): the router's counter, or
+    the inference calls of the variant pods' REST and gRPC servers. errors: None (all), "any" or "server"."""
+    router = _sel("mlops_router_requests_total", selector, ROUTER_ERRORS[errors] if errors else "")
+    rest_err, grpc_err = POD_ERRORS[errors] if errors else ("", "")
+    rest = _sel("rest_server_requests_total", selector, POD, REST_INFER, rest_err)
+    grpc = _sel("grpc_server_handled_total", selector, POD, GRPC_INFER, grpc_err)
+    return f"(sum by ({by}) ({fn}({router}[{window}])) or sum by ({by}) ({fn}({rest}[{window}]) or {fn}({grpc}[{window}])))"
 
-ERROR_OUTCOMES = 'outcome=~"error|client_error|load_error|dropped"'
+
+def variant_error_ratio(by: str, selector: str, window: str, errors: str) -> str:
+    """Failed / all requests per `by`; 0 rather than nothing while there are requests but no failures."""
+    every = variant_requests(by, selector, window)
+    return f"({variant_requests(by, selector, window, errors)} or 0 * {every}) / {every}"
+
+
+def variant_latency(q: float, by: str, selector: str, window: str) -> str:
+    """The q-quantile of answer time per `by`: the router's histogram, or the variant pods' REST and gRPC
+    inference calls (both histograms have prometheus_client's default buckets, so they add up)."""
+    by_le = f"{by}, le" if by else "le"
+    router = _sel("mlops_router_request_duration_seconds_bucket", selector)
+    rest = _sel("rest_server_request_duration_seconds_bucket", selector, POD, REST_INFER)
+    grpc = _sel("grpc_server_handling_seconds_bucket", selector, POD, GRPC_INFER)
+    return (f"(histogram_quantile({q}, sum by ({by_le}) (rate({router}[{window}])))"
+            f" or histogram_quantile({q}, sum by ({by_le}) (rate({rest}[{window}]) or rate({grpc}[{window}]))))")  # fmt: skip
+
+
+def variant_weight(by: str, selector: str) -> str:
+    """Configured weight in percent (0 for shadows): the router's gauge, or the overlay's recording rule."""
+    return f"max by ({by}) ({_sel('mlops_router_variant_weight', selector)} or {_sel(WEIGHT_METRIC, selector)})"
+
+
+def variant_share(by_v: str, by_m: str, window: str, models: str = "", variants: str = "") -> str:
+    """Live requests of each variant in percent of its model's; 0 for a weighted variant that answers none.
+    models / variants: extra matchers, the first for both sides, the second for the variants only."""
+    live_v = ", ".join(m for m in (models, variants, 'role="live"') if m)
+    live_m = ", ".join(m for m in (models, 'role="live"') if m)
+    weighted = f"0 * ({variant_weight(by_v, ', '.join(m for m in (models, variants) if m))} > 0)"
+    return (f"100 * ({variant_requests(by_v, live_v, window)} or {weighted})"
+            f" / ignoring(variant) group_left() {variant_requests(by_m, live_m, window)}")  # fmt: skip
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -133,7 +202,8 @@ def board(uid, title, description, sections):
                        .current(dm.VariableOption(selected=True, text="Prometheus", value="prometheus")))
         .with_variable(_variable("namespace", "Namespace", "label_values(model_infer_request_success_total, namespace)"))
         .with_variable(_variable("model", "Model", f"label_values(model_infer_request_success_total{{{NS}}}, model)"))
-        .with_variable(_variable("variant", "Variant", f"label_values(mlops_router_variant_weight{{{SEL}}}, variant)"))
+        .with_variable(_variable("variant", "Variant",
+                                 f'label_values({{__name__=~"mlops_router_variant_weight|{WEIGHT_METRIC}", {SEL}}}, variant)'))
     )  # fmt: skip
     n = 0
     for row, panels in sections:
@@ -145,90 +215,87 @@ def board(uid, title, description, sections):
     return json.loads(json.dumps(d.build(), cls=JSONEncoder))
 
 
-def _quantiles(metric, by, legend, selector):
-    return [
-        (f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{selector}}}[{RI}])))", f"{legend} p{int(q * 100)}")
-        for q in (0.5, 0.95, 0.99)
-    ]
+def _quantiles(by, legend, selector):
+    return [(variant_latency(q, by, selector, RI), f"{legend} p{int(q * 100)}") for q in (0.5, 0.95, 0.99)]
 
 
 # --- dashboards -----------------------------------------------------------------------------------
 
 
 def overview() -> dict:
+    msel = f"{SEL}, {NOT_SHADOW}"
+    live = f'{SEL}, role="live"'
     return board("mlops-overview", "MLOps / Overview", "Every served model: traffic, errors, latency, readiness.", [
         ("Models", [
-            single("Models ready", "short", [(f"sum(max by (model) (mlops_model_ready{{{SEL}}}))", "ready")],
-                   "Served models loaded and ready (routers count once; their variants are inside them).", span=6),
-            single("Request rate", "reqps", [(f"sum({infer_rate('model', SEL, RI)})", "requests")],
-                   "Inference requests per second over the selected models.", span=6),
+            single("Models ready", "short", [(f"sum(max by (model, variant) (mlops_model_ready{{{SEL}}}))", "ready")],
+                   "Loaded and ready: every served name of a local server (public names and their variants), "
+                   "every variant of every model in a cluster.", span=6),
+            single("Request rate", "reqps", [(f"sum({infer_rate('model', msel, RI)})", "requests")],
+                   "Inference requests per second over the selected models (a shadow's copies excluded).", span=6),
             single("Error ratio", "percentunit",
-                   [(f"sum(rate(model_infer_request_failure_total{{{SEL}}}[{RI}])) / sum({infer_rate('model', SEL, RI)})", "errors")],
+                   [(f"sum(rate(model_infer_request_failure_total{{{msel}}}[{RI}])) / sum({infer_rate('model', msel, RI)})", "errors")],
                    "Failed / all inference requests, rejected input included.",
                    thresholds=((MODEL_ERROR_RATIO / 5, "orange"), (MODEL_ERROR_RATIO, "red")), span=6),
-            single("p99 latency (routed)", "s",
-                   [(f"histogram_quantile(0.99, sum by (le) (rate(mlops_router_request_duration_seconds_bucket{{{SEL}, role=\"live\"}}[{RI}])))", "p99")],
-                   "Live answers of the routed public names.", thresholds=((P99_SECONDS / 2, "orange"), (P99_SECONDS, "red")), span=6),
+            single("p99 latency (live)", "s", [(variant_latency(0.99, "", live, RI), "p99")],
+                   "Live answers of the selected models' variants.", thresholds=((P99_SECONDS / 2, "orange"), (P99_SECONDS, "red")), span=6),
         ]),
         ("Traffic and errors", [
-            graph("Request rate by model", "reqps", [(infer_rate("model", SEL, RI), "{{model}}")],
-                  "MLServer's count of inference requests, successful or not, per served model name."),
+            graph("Request rate by model", "reqps", [(infer_rate("model", msel, RI), "{{model}}")],
+                  "MLServer's count of inference requests, successful or not, per model: each served name locally, "
+                  "each model's live variant pods together in a cluster."),
             graph("Error ratio by model", "percentunit",
-                  [(infer_error_ratio("model", SEL, RI), "{{model}}")],
+                  [(infer_error_ratio("model", msel, RI), "{{model}}")],
                   "Failed / all requests per model, rejected input (400) included.",
                   thresholds=((MODEL_ERROR_RATIO / 5, "orange"), (MODEL_ERROR_RATIO, "red")), min_=0),
         ]),
         ("Latency", [
-            graph("Latency percentiles by routed model", "s",
-                  _quantiles("mlops_router_request_duration_seconds", "model", "{{model}}", f'{SEL}, role="live"'),
-                  "Live answers of the routed public names (MLServer's own per-model latency is a summary without quantiles).",
+            graph("Latency percentiles by model", "s", _quantiles("model", "{{model}}", live),
+                  "Live answers per model: the router's timing of its variants locally, the variant pods' REST and gRPC "
+                  "inference calls in a cluster (MLServer's own per-model latency is a summary without quantiles).",
                   thresholds=((P99_SECONDS, "red"),)),
             graph("Mean latency by model", "s",
-                  [(f"sum by (model) (rate(model_infer_request_duration_sum{{{SEL}}}[{RI}])) / sum by (model) (rate(model_infer_request_duration_count{{{SEL}}}[{RI}]))", "{{model}}")],
-                  "MLServer's summary per served model name, variants called directly included."),
+                  [(f"sum by (model) (rate(model_infer_request_duration_sum{{{msel}}}[{RI}])) / sum by (model) (rate(model_infer_request_duration_count{{{msel}}}[{RI}]))", "{{model}}")],
+                  "MLServer's summary per model, variants called directly included."),
         ]),
         ("Readiness", [
-            graph("Model ready", "short", [(f"max by (model) (mlops_model_ready{{{SEL}}})", "{{model}}")],
-                  "1 while loaded in a live worker; 0 after an unload.", min_=0, max_=1, span=24),
+            graph("Model ready", "short", [(f"max by (model, variant) (mlops_model_ready{{{SEL}}})", "{{model}} {{variant}}")],
+                  "1 while loaded in a live worker; 0 after an unload or a failed reload.", min_=0, max_=1, span=24),
         ]),
     ])  # fmt: skip
 
 
 def ab() -> dict:
     live = f'{VSEL}, role="live"'
-    share = (f"100 * sum by (model, variant) (rate(mlops_router_requests_total{{{live}}}[{RI}]))"
-             f" / ignoring(variant) group_left sum by (model) (rate(mlops_router_requests_total{{{SEL}, role=\"live\"}}[{RI}]))")
     agreement = f"mlops_router_shadow_agreement_total{{{VSEL}}}"
     agreed = f'mlops_router_shadow_agreement_total{{{VSEL}, agree="true"}}'
-    return board("mlops-ab", "MLOps / A/B variants", "Per variant of each routed model: traffic share against weight, errors, latency, shadows.", [
+    return board("mlops-ab", "MLOps / A/B variants", "Per variant of each model: traffic share against weight, errors, latency, shadows.", [
         ("Traffic", [
             graph("Live request rate by variant", "reqps",
-                  [(f"sum by (model, variant) (rate(mlops_router_requests_total{{{live}}}[{RI}]))", "{{model}} / {{variant}}")],
-                  "Requests answered by each live variant."),
+                  [(variant_requests("model, variant", live, RI), "{{model}} / {{variant}}")],
+                  "Requests answered by each live variant: counted by the router locally, by the variant's pods in a cluster."),
             graph("Observed share vs configured weight", "percent",
-                  [(share, "{{model}} / {{variant}} observed"),
-                   (f"max by (model, variant) (mlops_router_variant_weight{{{VSEL}}} > 0)", "{{model}} / {{variant}} weight")],
+                  [(variant_share("model, variant", "model", RI, SEL, 'variant=~"$variant"'), "{{model}} / {{variant}} observed"),
+                   (f"{variant_weight('model, variant', VSEL)} > 0", "{{model}} / {{variant}} weight")],
                   f"Live share of each variant beside its configured weight; the alert fires beyond {SHARE_DRIFT_POINTS} points.",
                   min_=0, max_=100),
         ]),
         ("Errors and latency", [
             graph("Error ratio by variant", "percentunit",
-                  [(f"sum by (model, variant, role) (rate(mlops_router_requests_total{{{VSEL}, {ERROR_OUTCOMES}}}[{RI}]))"
-                    f" / sum by (model, variant, role) (rate(mlops_router_requests_total{{{VSEL}}}[{RI}]))", "{{model}} / {{variant}} ({{role}})")],
+                  [(variant_error_ratio("model, variant, role", VSEL, RI, "any"), "{{model}} / {{variant}} ({{role}})")],
                   "Failed / all answers of each variant: server errors, rejected input, shadow copies dropped or not loaded.",
                   thresholds=((ERROR_RATIO, "red"),), min_=0),
-            graph("Latency percentiles by variant", "s",
-                  _quantiles("mlops_router_request_duration_seconds", "model, variant, role", "{{model}} / {{variant}} ({{role}})", VSEL),
+            graph("Latency percentiles by variant", "s", _quantiles("model, variant, role", "{{model}} / {{variant}} ({{role}})", VSEL),
                   "Time each variant took to answer, live and shadow.", thresholds=((P99_SECONDS, "red"),)),
         ]),
         ("Shadows", [
-            graph("Shadow agreement with live", "percentunit",
+            graph(SHADOW_AGREEMENT, "percentunit",
                   [(f'(sum by (model, variant) (rate({agreed}[{RI}])) or 0 * sum by (model, variant) (rate({agreement}[{RI}])))'
                     f" / sum by (model, variant) (rate({agreement}[{RI}]))", "{{model}} / {{variant}}")],
-                  "Shadow answers equal to the live answer (labels; regressions within 5%).",
+                  "Shadow answers equal to the live answer (labels; regressions within 5%). Only where the router runs the "
+                  "shadow in-process: Seldon mirrors requests to a shadow pod without comparing the answers.",
                   thresholds=((0.9, "green"),), min_=0, max_=1),
             graph("Shadow vs live p95 latency", "s",
-                  [(f"histogram_quantile(0.95, sum by (model, role, le) (rate(mlops_router_request_duration_seconds_bucket{{{SEL}}}[{RI}])))", "{{model}} {{role}} p95")],
+                  [(variant_latency(0.95, "model, role", SEL, RI), "{{model}} {{role}} p95")],
                   "A shadow slower than live delays nothing, but it would if promoted."),
         ]),
     ])  # fmt: skip
@@ -242,11 +309,11 @@ def internals() -> dict:
             graph("Adaptive batch size", "short",
                   [(f'sum by (model_name) (rate(batch_request_queue_sum{{{NS}, model_name=~"$model"}}[{RI}])) / sum by (model_name) (rate(batch_request_queue_count{{{NS}, model_name=~"$model"}}[{RI}]))', "{{model_name}} mean"),
                    (f'histogram_quantile(0.95, sum by (model_name, le) (rate(batch_request_queue_bucket{{{NS}, model_name=~"$model"}}[{RI}])))', "{{model_name}} p95")],
-                  "Requests per adaptive batch, for models with max_batch_size > 1."),
+                  "Requests per adaptive batch, for models with max_batch_size > 1 (MLServer exports it only with parallel_workers >= 1)."),
             graph("Parallel request queue", "short",
                   [(f"sum(rate(parallel_request_queue_sum{{{NS}}}[{RI}])) / sum(rate(parallel_request_queue_count{{{NS}}}[{RI}]))", "mean"),
                    (f"histogram_quantile(0.95, sum by (le) (rate(parallel_request_queue_bucket{{{NS}}}[{RI}])))", "p95")],
-                  "Requests waiting for a parallel inference worker when one was scheduled."),
+                  "Requests waiting for a parallel inference worker when one was scheduled (none with parallel_workers 0)."),
         ]),
         ("REST vs gRPC", [
             graph("Requests by protocol", "reqps",
@@ -273,6 +340,7 @@ def internals() -> dict:
 
 
 DASHBOARDS = {"overview": overview, "ab": ab, "internals": internals}
+SHADOW_AGREEMENT = "Shadow agreement with live"  # the one panel with only a router form
 
 
 def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
@@ -283,51 +351,61 @@ def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
 # --- alerts ---------------------------------------------------------------------------------------
 
 
-def _alert(name, expr, for_, severity, summary, description):
-    return {
+MODEL_VARIANT = "{{ $labels.model }}{{ with $labels.variant }}/{{ . }}{{ end }}"  # iris, or iris/champion in a cluster
+
+
+def _alert(name, signal, condition, for_, severity, summary, description):
+    rule = {
         "alert": name,
         "annotations": {"description": description, "runbook_url": RUNBOOK + name.lower(), "summary": summary},
-        "expr": expr,
+        "expr": f"{signal} {condition}",
         "for": for_,
         "labels": {"severity": severity},
     }
+    return rule, signal
 
 
-def alert_rules() -> list[dict]:
+def _alerts() -> list[tuple[dict, str]]:
     by_m, by_v = "namespace, model", "namespace, model, variant"
-    live = 'mlops_router_requests_total{role="live"}'
-    observed = (
-        f"100 * (sum by ({by_v}) (rate({live}[15m])) or 0 * max by ({by_v}) (mlops_router_variant_weight > 0))"
-        f" / ignoring(variant) group_left sum by ({by_m}) (rate({live}[15m]))"
-    )
+    live = 'role="live"'
+    # Should get traffic: locally, a public name the router splits (not the variants served beside it); in a
+    # cluster, a variant pod whose configured weight is above 0.
+    routed = f"max by ({by_m}) (mlops_model_ready) == 1 and on({by_m}) max by ({by_m}) (mlops_router_variant_weight)"
+    weighted = f"max by ({by_v}) (mlops_model_ready) == 1 and on({by_v}) max by ({by_v}) ({WEIGHT_METRIC}) > 0"
     return [
-        _alert("MLOpsModelErrorRatioHigh",
-               f"{infer_error_ratio(by_m, '', '5m')} > {MODEL_ERROR_RATIO}",
+        _alert("MLOpsModelErrorRatioHigh", infer_error_ratio(by_m, NOT_SHADOW, "5m"), f"> {MODEL_ERROR_RATIO}",
                "5m", "warning", "{{ $labels.model }}: {{ $value | humanizePercentage }} of requests fail",
                f"More than {MODEL_ERROR_RATIO:.0%} of inference requests to {{{{ $labels.model }}}} in {{{{ $labels.namespace }}}} failed over 5 minutes (rejected input included)."),
-        _alert("MLOpsVariantErrorRatioHigh",
-               f'sum by ({by_v}) (rate(mlops_router_requests_total{{role="live", outcome="error"}}[5m])) / sum by ({by_v}) (rate({live}[5m])) > {ERROR_RATIO}',
+        _alert("MLOpsVariantErrorRatioHigh", variant_error_ratio(by_v, live, "5m", "server"), f"> {ERROR_RATIO}",
                "5m", "critical", "{{ $labels.model }}/{{ $labels.variant }}: {{ $value | humanizePercentage }} server errors",
                f"Variant {{{{ $labels.variant }}}} of {{{{ $labels.model }}}} answers more than {ERROR_RATIO:.0%} of its live requests with a server error; "
                "consider moving its weight to another variant in deployments.yaml."),
-        _alert("MLOpsLatencyP99High",
-               f'histogram_quantile(0.99, sum by ({by_v}, le) (rate(mlops_router_request_duration_seconds_bucket{{role="live"}}[5m]))) > {P99_SECONDS}',
+        _alert("MLOpsLatencyP99High", variant_latency(0.99, by_v, live, "5m"), f"> {P99_SECONDS}",
                "10m", "warning", "{{ $labels.model }}/{{ $labels.variant }}: p99 latency {{ $value | humanizeDuration }}",
                f"The 99th percentile of live answers of {{{{ $labels.model }}}}/{{{{ $labels.variant }}}} is above {P99_SECONDS * 1000:.0f} ms."),
         _alert("MLOpsTrafficShareDrift",
-               f"abs({observed} - on({by_v}) max by ({by_v}) (mlops_router_variant_weight)) > {SHARE_DRIFT_POINTS}"
-               f" and on({by_m}) sum by ({by_m}) (increase({live}[15m])) > {SHARE_MIN_REQUESTS}",
+               f"abs({variant_share(by_v, by_m, '15m')} - on({by_v}) {variant_weight(by_v, '')})",
+               f"> {SHARE_DRIFT_POINTS} and on({by_m}) {variant_requests(by_m, live, '15m', fn='increase')} > {SHARE_MIN_REQUESTS}",
                "15m", "warning", "{{ $labels.model }}/{{ $labels.variant }}: live share {{ $value | printf \"%.0f\" }} points off its weight",
                "The share of live requests answered by this variant differs from its configured weight by more than "
                f"{SHARE_DRIFT_POINTS} percentage points: a variant failing to load, a stale router, or traffic skewed by sticky routing keys."),
-        _alert("MLOpsModelNotReady", f"max by ({by_m}) (mlops_model_ready) == 0", "5m", "critical",
-               "{{ $labels.model }} is not ready",
+        _alert("MLOpsModelNotReady", f"max by ({by_v}) (mlops_model_ready)", "== 0", "5m", "critical",
+               f"{MODEL_VARIANT} is not ready",
                "The model was unloaded or its reload failed; MLServer answers 400 'not ready' for it. See mlops_model_loads_total{outcome=\"error\"}."),
-        _alert("MLOpsModelNoTraffic",
-               f"max by ({by_m}) (mlops_model_ready) == 1 unless on({by_m}) {infer_rate(by_m, '', '15m')} > 0",
-               "30m", "warning", "{{ $labels.model }} receives no requests",
-               "The model is ready but received no inference request for 30 minutes: check the Istio/Seldon routing and the clients."),
+        _alert("MLOpsModelNoTraffic", f"(({routed}) or ({weighted}))", f"unless on({by_v}) {infer_rate(by_v, '', '15m')} > 0",
+               "30m", "warning", f"{MODEL_VARIANT} receives no requests",
+               "The model is ready and should get traffic (a routed public name, or a variant with a weight above 0) but received "
+               "no inference request for 30 minutes: check the Istio/Seldon routing and the clients."),
     ]  # fmt: skip
+
+
+def alert_rules() -> list[dict]:
+    return [rule for rule, _ in _alerts()]
+
+
+def alert_signals() -> dict[str, str]:
+    """What each alert compares with its threshold: where it returns data, the alert sees its series."""
+    return {rule["alert"]: signal for rule, signal in _alerts()}
 
 
 def prometheus_rule() -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -104,7 +105,7 @@ def wait_ready(ports: Ports, proc: subprocess.Popen, timeout: float = 300) -> bo
     return False
 
 
-def banner(settings_dir: Path, registry: Registry, ports: Ports) -> str:
+def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url: str | None = None) -> str:
     models = served_models(settings_dir)
     lines = [
         f"MLServer is ready with {len(models)} model(s): {', '.join(m['name'] for m in models)}",
@@ -112,6 +113,8 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports) -> str:
         f"  gRPC     127.0.0.1:{ports.grpc}  (inference.GRPCInferenceService)",
         f"  metrics  http://127.0.0.1:{ports.metrics}/metrics",
     ]
+    if prometheus_url:
+        lines.append(f"  Prometheus {prometheus_url}  (scrapes the metrics every 5 s; alerts at {prometheus_url}/alerts)")
     samples = [(m["name"], b) for m in models if (b := sample_request(registry, m)) is not None]
     if samples:
         name, body = min(samples, key=lambda s: len(s[1]["inputs"][0]["data"]))  # the shortest to paste
@@ -120,16 +123,24 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports) -> str:
             f"  curl -s http://127.0.0.1:{ports.http}/v2/models/{name}/infer "
             f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'",
         ]
-    lines.append("Ctrl-C stops the server.")
+    lines.append("Ctrl-C stops the server and Prometheus." if prometheus_url else "Ctrl-C stops the server.")
     return "\n".join(lines)
 
 
-def serve(settings_dir: Path, registry: Registry, ports: Ports, echo=print) -> int:
-    with tempfile.TemporaryDirectory(prefix="mlserver-metrics-") as metrics_dir:
+def serve(settings_dir: Path, registry: Registry, ports: Ports, echo=print, prometheus_port: int | None = None) -> int:
+    """With prometheus_port, also a Prometheus (see mlops/prometheus.py) that lives and dies with the server."""
+    with tempfile.TemporaryDirectory(prefix="mlserver-metrics-") as metrics_dir, contextlib.ExitStack() as stack:
+        prom = None
+        if prometheus_port is not None:
+            from .prometheus import beside_server
+
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlops-prometheus-"))
+            prom = beside_server(Path(workdir), prometheus_port, ports.metrics)
+            stack.callback(prom.stop)
         proc = subprocess.Popen(mlserver_command(settings_dir), env=server_env(registry, ports, metrics_dir))
         forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
         if wait_ready(ports, proc):
-            echo(banner(settings_dir, registry, ports))
+            echo(banner(settings_dir, registry, ports, prom.url if prom else None))
         return proc.wait()

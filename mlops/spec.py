@@ -47,6 +47,9 @@ class EnvironmentOverride(_Strict):
 class Model(_Strict):
     variants: dict[str, Variant] = Field(min_length=1)
     environments: dict[str, EnvironmentOverride] = Field(default_factory=dict)
+    # A live variant that fails to load: False leaves the routed name not ready; True serves it from
+    # the live variants that loaded, their weights scaled up in proportion.
+    fallback: bool = False
 
     def weights(self, env: str | None = None) -> dict[str, int]:
         """Weights of the live (non-shadow) variants, with `env`'s overrides applied."""

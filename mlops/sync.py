@@ -27,11 +27,18 @@ RUNTIME = "runtimes.registry_sklearn.RegistrySKLearnRuntime"
 ROUTER = "runtimes.router.RouterRuntime"
 
 # MLServer server-wide settings. Ports come from `mlops serve` flags (MLSERVER_*_PORT).
+# Inference runs in the server process (parallel_workers 0), where concurrent requests can be
+# stacked into one scikit-learn call (runtimes/batching.py), and responses are not gzipped (they
+# are ~200 bytes): `mlops bench` compares both with the alternatives (README, "Performance").
+# gRPC messages above 16 MiB get RESOURCE_EXHAUSTED before any model sees them: twice what the
+# runtime's per-request limit of 1,000,000 FP64 values takes (runtimes/registry_sklearn.py).
 SERVER_SETTINGS = {
     "debug": False,
+    "grpc_max_message_length": 16 * 1024 * 1024,
+    "gzip_enabled": False,
     "load_models_at_startup": True,
     "metrics_endpoint": "/metrics",
-    "parallel_workers": 1,
+    "parallel_workers": 0,
     "server_name": "mlops-serving",
 }
 
@@ -57,29 +64,29 @@ def variant_settings(variant: ResolvedVariant) -> dict:
     }
 
 
-def router_settings(model: str, variants: list[ResolvedVariant]) -> dict:
-    """The public name (`iris`): one JSON line per weight, so a weight change is a one-line diff."""
-    return {
-        "implementation": ROUTER,
-        "name": model,
-        "parameters": {
-            "extra": {
-                "variants": [
-                    {"name": v.name, "shadow": v.shadow, "uri": v.registry_uri, "version": v.version, "weight": v.weight}
-                    for v in variants
-                ]
-            }
-        },
+def router_settings(model: str, variants: list[ResolvedVariant], fallback: bool = False) -> dict:
+    """The public name (`iris`): one JSON line per weight, so a weight change is a one-line diff.
+
+    `fallback` is written only when set, so specs without it give the same files as before it existed.
+    """
+    extra = {
+        "variants": [
+            {"name": v.name, "shadow": v.shadow, "uri": v.registry_uri, "version": v.version, "weight": v.weight}
+            for v in variants
+        ]
     }
+    if fallback:
+        extra["fallback"] = True
+    return {"implementation": ROUTER, "name": model, "parameters": {"extra": extra}}
 
 
-def render_model_settings(resolved: dict[str, list[ResolvedVariant]]) -> dict[str, str]:
+def render_model_settings(resolved: dict[str, list[ResolvedVariant]], spec: DeploymentSpec) -> dict[str, str]:
     files = {
         "README.md": f"# model-settings\n\n{GENERATED}\nServe them with `mlops serve`.\n",
         "settings.json": to_json(SERVER_SETTINGS),
     }
     for model, variants in resolved.items():
-        files[f"{model}/model-settings.json"] = to_json(router_settings(model, variants))
+        files[f"{model}/model-settings.json"] = to_json(router_settings(model, variants, spec.models[model].fallback))
         for v in variants:
             files[f"{v.served_name}/model-settings.json"] = to_json(variant_settings(v))
     return files
@@ -87,7 +94,7 @@ def render_model_settings(resolved: dict[str, list[ResolvedVariant]]) -> dict[st
 
 def render_all(spec: DeploymentSpec, resolved: dict[str, list[ResolvedVariant]]) -> dict[str, dict[str, str]]:
     return {
-        MODEL_SETTINGS_DIR: render_model_settings(resolved),
+        MODEL_SETTINGS_DIR: render_model_settings(resolved, spec),
         SELDON_DIR: seldon.render(spec, resolved, seldon.SERVING_IMAGE),
     }
 

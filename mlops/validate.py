@@ -7,7 +7,9 @@ Kustomizations point at (`spec.path`, relative to the project root), and checks 
   resources against the upstream CRDs in the CRD directory; unknown fields and unknown kinds fail,
   because the API server or Flux would reject or silently drop them;
 - project rules: live traffic sums to 100, models pinned to registry versions, no `latest`
-  images, no plaintext Secrets, Grafana dashboards that Grafana can load.
+  images, no plaintext Secrets, Grafana dashboards that Grafana can load;
+- secrets (mlops/secrets.py): no password, key or token in plaintext in any rendered object and,
+  from `mlops validate`, in any file of the repository.
 
 Each error reads `<rendered path> (<Kind>/<name>): <field>: <problem>`.
 """
@@ -27,6 +29,8 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import yaml
+
+from . import secrets
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
 CRDS_ENV = "MLOPS_CRDS_DIR"
@@ -211,7 +215,12 @@ def _check_dashboard(data: dict):
             yield _field(["data", key]), "not a Grafana dashboard: needs a 'title' string and a 'panels' list"
 
 
-RULES = (_check_traffic, _check_model_refs, _check_images, _check_secret, _check_dashboard)
+def _check_plaintext_secrets(data: dict):
+    for path, problem in secrets.check_object(data):
+        yield _field(path), problem
+
+
+RULES = (_check_traffic, _check_model_refs, _check_images, _check_secret, _check_dashboard, _check_plaintext_secrets)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -300,11 +309,14 @@ def main(root: Path, crds_dir: Path | None = None) -> int:
 
     console = Console(soft_wrap=True, highlight=False)
     errors, objects = _run(root, crds_dir)
+    files = secrets.repository_files(root.resolve())
+    errors += secrets.scan_repository(root.resolve())
     for line in errors:
         console.print(f"✗ {line}", style="red", markup=False)
     paths = len({o.source for o in objects})
+    scope = f"{len(objects)} objects from {paths} kustomize paths and {len(files)} repository files"
     if errors:
-        console.print(f"{len(errors)} problem(s) in {len(objects)} objects from {paths} kustomize paths", style="bold red", markup=False)
+        console.print(f"{len(errors)} problem(s) in {scope}", style="bold red", markup=False)
         return 1
-    console.print(f"✓ {len(objects)} objects from {paths} kustomize paths are valid", style="green", markup=False)
+    console.print(f"✓ {scope} are valid, with no plaintext secret", style="green", markup=False)
     return 0

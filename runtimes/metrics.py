@@ -26,6 +26,7 @@ class RouterMetrics:
     latency: Histogram
     weight: Gauge
     agreement: Counter
+    available: Gauge
 
 
 @lru_cache(maxsize=None)
@@ -45,7 +46,8 @@ def router_metrics() -> RouterMetrics:
         ),
         weight=Gauge(
             "mlops_router_variant_weight",
-            "Configured traffic weight of each variant in percent (0 for shadows).",
+            "Traffic weight of each variant in percent (0 for shadows): the configured one, or with fallback "
+            "the share redistributed from live variants that failed to load (which get 0).",
             ["model", "variant"],
             multiprocess_mode="mostrecent",
         ),
@@ -53,6 +55,13 @@ def router_metrics() -> RouterMetrics:
             "mlops_router_shadow_agreement",
             "Shadow answers compared with the live answer to the same request (agree=true/false).",
             ["model", "variant", "agree"],
+        ),
+        available=Gauge(
+            "mlops_router_variant_available",
+            "1 if the variant loaded in its router, 0 if it failed to (the router then serves from the "
+            "other live variants when the spec sets fallback, or is not ready).",
+            ["model", "variant"],
+            multiprocess_mode="mostrecent",
         ),
     )
 
@@ -84,6 +93,10 @@ def model_metrics() -> ModelMetrics:
 
 
 _loaded: Tally = Tally()  # loaded instances per model name in this process: a reload loads the new one before unloading the old
+
+
+def loaded_instances(name: str) -> int:
+    return _loaded[name]
 
 
 async def tracked_load(name: str, load) -> None:

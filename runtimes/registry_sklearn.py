@@ -9,10 +9,14 @@ Model-settings `parameters.extra` knobs:
   skops_trusted_types: extra skops types to trust beyond those recorded in MLmodel
   allow_pickle: load pickle/cloudpickle artifacts (they run arbitrary code on load)
   predict_fn: default output when a request names none ("predict" or "predict_proba")
+  max_request_values: the most tensor values (rows x features) one request may carry (default 1,000,000)
 """
 
 from __future__ import annotations
 
+import gc
+import logging
+import math
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -25,12 +29,22 @@ from mlserver.model import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, RequestOutput
 from mlserver.utils import get_model_uri
 
-from . import metrics
+from . import metrics, mlserver_patches
+from .batching import Coalescer
 
 PREDICT = "predict"
 PREDICT_PROBA = "predict_proba"
 VALID_OUTPUTS = (PREDICT, PREDICT_PROBA)
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+# 8 MB as FP64. A REST body is parsed before any model sees it, so this bounds what a request costs
+# past parsing; gRPC messages stop at grpc_max_message_length (settings.json) before that.
+MAX_REQUEST_VALUES = 1_000_000
+NUMERIC_DATATYPES = ("FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL")
+# scikit-learn trees predict in float32: larger magnitudes become Inf there, and overflow scalers elsewhere.
+MAX_MAGNITUDE = float(np.finfo(np.float32).max)
+
+logger = logging.getLogger("mlserver.runtimes")
+mlserver_patches.apply()
 
 
 class ModelLoadError(MLServerError):
@@ -38,6 +52,33 @@ class ModelLoadError(MLServerError):
 
     def __init__(self, msg: str):
         super().__init__(msg, status_code=500)
+
+
+class RequestTooLarge(InferenceError):
+    """A client error (413 over REST, RESOURCE_EXHAUSTED over gRPC) that the router counts as one."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        self.status_code = 413
+
+
+async def load_or_not_ready(model: MLModel, load) -> bool:
+    """A model whose first load fails stays registered and not ready, with the cause logged.
+
+    Raising would make MLServer 1.7.1 drop the model, and at start-up stop the whole server, so
+    one bad artifact would take every other model down. A failed reload still raises: MLServer
+    then keeps serving the instance it has.
+    """
+    reload = metrics.loaded_instances(model.name) > 0
+    try:
+        await metrics.tracked_load(model.name, load)
+    except Exception as exc:
+        if reload:
+            raise
+        logger.error("model '%s' failed to load and stays not ready: %s", model.name, exc)
+        metrics.model_metrics().ready.labels(model.name).set(0)
+        return False
+    return True
 
 
 def fetch(uri: str, tracking_uri: str | None = None) -> Path:
@@ -131,11 +172,15 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
 
 class RegistrySKLearnRuntime(MLModel):
     async def load(self) -> bool:
-        await metrics.tracked_load(self.name, self.load_model())
-        return True
+        self._loaded = await load_or_not_ready(self, self.load_model())
+        return self._loaded
+
+    async def is_ready(self) -> bool:
+        return getattr(self, "_loaded", False)
 
     async def unload(self) -> bool:
-        metrics.model_unloaded(self.name)
+        if getattr(self, "_loaded", False):
+            metrics.model_unloaded(self.name)
         return True
 
     async def load_model(self) -> None:
@@ -152,8 +197,15 @@ class RegistrySKLearnRuntime(MLModel):
             allow_pickle=bool(extra.get("allow_pickle", False)),
         )
         self._default_output = extra.get("predict_fn", PREDICT)
+        self._max_values = int(extra.get("max_request_values", MAX_REQUEST_VALUES))
         self._n_features = getattr(self._model, "n_features_in_", None)
         self._has_proba = hasattr(self._model, PREDICT_PROBA)
+        self._coalescer = Coalescer(self._model)
+        # A full collection walks every object that MLflow, pandas and scikit-learn allocated on
+        # import: 200+ ms here, stalling every request in flight. What is alive now lives as long
+        # as the model, so the collector stops visiting it.
+        gc.collect(1)
+        gc.freeze()
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         names = [o.name for o in payload.outputs] if payload.outputs else [self._default_output]
@@ -163,7 +215,8 @@ class RegistrySKLearnRuntime(MLModel):
             if name == PREDICT_PROBA and not self._has_proba:
                 raise InferenceError(f"output '{PREDICT_PROBA}' is not offered by this model (a regressor); ask for '{PREDICT}'")
         X = self._features(payload)
-        outputs = [NumpyCodec.encode_output(name, np.asarray(getattr(self._model, name)(X))) for name in names]
+        results = await self._coalescer.predict(tuple(names), X)
+        outputs = [NumpyCodec.encode_output(name, y) for name, y in zip(names, results)]
         return InferenceResponse(model_name=self.name, model_version=self.version, outputs=outputs)
 
     def _outputs(self) -> list[str]:
@@ -172,21 +225,42 @@ class RegistrySKLearnRuntime(MLModel):
     def _features(self, payload: InferenceRequest) -> np.ndarray:
         if len(payload.inputs) != 1:
             raise InferenceError(f"expected exactly one input tensor of rows x features, got {len(payload.inputs)}")
+        inp = payload.inputs[0]
+        datatype = getattr(inp.datatype, "value", inp.datatype)  # an enum over REST, a plain string over gRPC
+        if datatype not in NUMERIC_DATATYPES:
+            raise InferenceError(f"input '{inp.name}' has datatype {datatype!r}; this model takes numbers ({', '.join(NUMERIC_DATATYPES)})")
+        if any(d < 0 for d in inp.shape):
+            raise InferenceError(f"input '{inp.name}' has a negative dimension in shape {list(inp.shape)}")
+        if (size := math.prod(inp.shape)) > self._max_values:
+            raise RequestTooLarge(
+                f"request too large: input '{inp.name}' has shape {list(inp.shape)}, {size:,} values; this model takes at most "
+                f"{self._max_values:,} values per request (parameters.extra.max_request_values): send smaller batches"
+            )
         try:
             X = NumpyRequestCodec.decode_request(payload)
         except Exception as exc:  # noqa: BLE001 - codec errors become client errors
-            raise InferenceError(f"cannot decode input '{payload.inputs[0].name}': {exc}") from None
+            raise InferenceError(f"cannot decode input '{inp.name}': {exc}") from None
         if X.dtype.kind not in "fiub":
-            raise InferenceError(f"input '{payload.inputs[0].name}' must be numeric, got datatype {payload.inputs[0].datatype}")
+            raise InferenceError(f"input '{inp.name}' must be numeric, got datatype {datatype}")
+        if X.dtype == np.float16:  # scikit-learn would compute in it, and overflow past 65504
+            X = X.astype(np.float64)
         if X.ndim == 1:
             X = X.reshape(1, -1)
         if X.ndim != 2:
-            raise InferenceError(f"input '{payload.inputs[0].name}' must have shape [rows, features], got {list(X.shape)}")
+            raise InferenceError(f"input '{inp.name}' must have shape [rows, features], got {list(X.shape)}")
         if self._n_features is not None and X.shape[1] != self._n_features:
             raise InferenceError(
-                f"input '{payload.inputs[0].name}' has {X.shape[1]} features per row, the model expects {self._n_features}"
+                f"input '{inp.name}' has {X.shape[1]} features per row, the model expects {self._n_features}"
             )
-        if X.dtype.kind == "f" and not np.isfinite(X).all():
-            raise InferenceError(f"input '{payload.inputs[0].name}' contains NaN or Inf")
+        if X.shape[0] == 0:
+            raise InferenceError(f"input '{inp.name}' has no rows")
+        if X.dtype.kind == "f" and X.size and not np.abs(X).max() <= MAX_MAGNITUDE:  # one pass: NaN compares false
+            finite = np.isfinite(X).all(axis=1)
+            if not finite.all():
+                raise InferenceError(
+                    f"input '{inp.name}' contains NaN or Inf (null over REST), first in row {int(np.argmin(finite))}; "
+                    "the model needs finite numbers"
+                )
+            raise InferenceError(f"input '{inp.name}' has a value beyond ±{MAX_MAGNITUDE:.4g}, which the model cannot represent")
         return X
 

@@ -4,6 +4,11 @@ The variants run inside this model, in this process: no second HTTP/gRPC hop.
 Model-settings `parameters.extra.variants` (written by `mlops sync`) lists each
 variant's name, registry version, uri, weight and shadow flag.
 
+A live variant that fails to load leaves the router not ready, unless
+`parameters.extra.fallback` is true (`fallback: true` in the spec): then its
+weight goes to the live variants that loaded, in proportion to their weights,
+and `mlops_router_variant_available` says which one is missing.
+
 Routing: a request with a routing key (request parameter `routing_key`, or the
 `x-routing-key` header / gRPC metadata) hashes into one of 10,000 buckets;
 live variants own consecutive bucket ranges in spec order. So a key keeps its
@@ -33,7 +38,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 
 from . import metrics
-from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
+from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, load_or_not_ready
 
 logger = logging.getLogger("mlserver.router")
 
@@ -81,31 +86,52 @@ def agree(live: InferenceResponse, shadow: InferenceResponse) -> bool:
 
 class RouterRuntime(MLModel):
     async def load(self) -> bool:
-        await metrics.tracked_load(self.name, self._load())
-        return True
+        self._loaded = await load_or_not_ready(self, self._load())
+        return self._loaded
+
+    async def is_ready(self) -> bool:
+        return getattr(self, "_loaded", False)
 
     async def _load(self) -> None:
         extra = self.settings.parameters.extra or {}
         specs = extra.get("variants") or []
         if not specs:
             raise ModelLoadError(f"router '{self.name}' lists no variants in parameters.extra.variants")
+        fallback = bool(extra.get("fallback", False))
+        self._metrics = m = metrics.router_metrics()
         self._variants: list[Variant] = []
+        failed = []
         for spec in specs:
-            model = await self._load_variant(spec, extra)
+            model = await self._load_variant(spec, extra, fallback)
             if model is not None:
+                m.available.labels(self.name, spec["name"]).set(1)
                 self._variants.append(Variant(spec["name"], str(spec["version"]), int(spec["weight"]), bool(spec["shadow"]), model))
+            elif not spec.get("shadow"):
+                failed.append(spec["name"])
         self._live = [v for v in self._variants if not v.shadow]
         self._shadows = [v for v in self._variants if v.shadow]
-        self._table, upper = [], 0
+        total = sum(v.weight for v in self._live)
+        if not total:
+            after = f" after {', '.join(failed)} failed to load" if failed else ""
+            raise ModelLoadError(f"router '{self.name}': no live variant with weight is left{after}")
+        # Failed live variants' weight goes to the others in proportion; with none failed, total is 100.
+        self._table, cumulative = [], 0
         for v in self._live:
-            upper += v.weight * BUCKETS // 100
-            self._table.append((upper, v))
-        self._metrics = metrics.router_metrics()
+            cumulative += v.weight
+            self._table.append((cumulative * BUCKETS // total, v))
         for v in self._variants:
-            self._metrics.weight.labels(self.name, v.name).set(0 if v.shadow else v.weight)
+            m.weight.labels(self.name, v.name).set(0 if v.shadow else v.weight * 100 / total)
+        for name in failed:
+            m.weight.labels(self.name, name).set(0)
+        if failed:
+            logger.error(
+                "router %s: serving from %s only, %s failed to load (fallback)",
+                self.name, ", ".join(f"{v.name}={v.weight * 100 / total:g}%" for v in self._live), ", ".join(failed),
+            )
         self._queue: asyncio.Queue | None = None
 
-    async def _load_variant(self, spec: dict, extra: dict) -> MLModel | None:
+    async def _load_variant(self, spec: dict, extra: dict, fallback: bool) -> MLModel | None:
+        """The variant's model, or None when it failed to load and the router may go on without it."""
         settings = ModelSettings(
             name=f"{self.name}-{spec['name']}",
             implementation=RegistrySKLearnRuntime,
@@ -116,10 +142,16 @@ class RouterRuntime(MLModel):
         try:
             await model.load_model()
         except Exception as exc:
-            if not spec.get("shadow"):
-                raise
-            logger.error("router %s: shadow variant %s not loaded, shadowing disabled for it: %s", self.name, spec["name"], exc)
-            metrics.router_metrics().requests.labels(self.name, spec["name"], "shadow", "load_error").inc()
+            metrics.router_metrics().available.labels(self.name, spec["name"]).set(0)
+            role = "shadow" if spec.get("shadow") else "live"
+            if role == "live" and not fallback:
+                raise ModelLoadError(
+                    f"router '{self.name}': live variant '{spec['name']}' ({spec['uri']}) failed to load: {exc} "
+                    "(with fallback: true in the spec the router would serve from the other variants)"
+                ) from None
+            then = "shadowing disabled for it" if role == "shadow" else "its weight goes to the other live variants (fallback)"
+            logger.error("router %s: %s variant %s (%s) not loaded, %s: %s", self.name, role, spec["name"], spec["uri"], then, exc)
+            metrics.router_metrics().requests.labels(self.name, spec["name"], role, "load_error").inc()
             return None
         return model
 
@@ -149,8 +181,7 @@ class RouterRuntime(MLModel):
         response.model_name = self.name
         response.model_version = variant.version
         params = response.parameters or Parameters()
-        params.variant = variant.name
-        params.headers = {"x-variant": variant.name, "x-model-version": variant.version}
+        params.variant = variant.name  # the body says who answered: response headers would cost ~7% of throughput
         response.parameters = params
         return response
 
@@ -183,6 +214,7 @@ class RouterRuntime(MLModel):
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.cancel()
-        metrics.model_unloaded(self.name)
+        if getattr(self, "_loaded", False):
+            metrics.model_unloaded(self.name)
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -122,14 +123,31 @@ class Server:
         return self.log.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        stop_group(self.proc)
         self.log.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process started with start_new_session and its children; SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def scrape(srv: Server, prefix: str = "mlops_") -> dict[tuple[str, frozenset], float]:
+    """The server's metric samples named `prefix*`, keyed by name and label set."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        m = re.match(rf"^({prefix}\w*)\{{(.*)\}} (\S+)$", line)
+        if m:
+            samples[(m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2))))] = float(m.group(3))
+    return samples
 
 
 @pytest.fixture(scope="session")

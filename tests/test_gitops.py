@@ -7,7 +7,10 @@ tmp_path, so no registry, cluster or previous `mlops sync` is needed; kubectl mu
 from __future__ import annotations
 
 import copy
+import json
 import os
+import random
+import string
 import sys
 import difflib
 import importlib.metadata
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlops import seldon
+from mlops import secrets, seldon
 from mlops.registry import ResolvedVariant
 from mlops.spec import DeploymentSpec
 from mlops.validate import KUBECTL_MISSING, default_crds_dir, validate
@@ -114,7 +117,7 @@ def test_seldon_deployment_serves_the_pinned_version_with_project_image(repo):
     }
     assert container["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
-    assert pod["metadata"]["labels"] == {"mlops/model": "iris", "mlops/model-version": ALIAS_VERSION, "mlops/variant": "champion"}
+    assert pod["metadata"]["labels"] == {"mlops/model": "iris", "mlops/model-version": ALIAS_VERSION, "mlops/variant": "champion", "mlops/role": "live"}
     assert pod["metadata"]["annotations"]["mlops/registry-uri"] == f"models:/iris/{ALIAS_VERSION}"
     dev = {d["metadata"]["name"]: d for d in kustomize(repo / "seldon/overlays/dev")}
     assert [p.get("traffic") for p in dev["iris"]["spec"]["predictors"]] == [90, 10, None]
@@ -149,10 +152,15 @@ def test_changing_one_weight_changes_only_traffic_lines():
         for rel in before
         if before[rel] != after[rel]
     }
-    # prod overrides the weights, so only the environments using the defaults change.
-    assert sorted(diffs) == ["overlays/dev/iris.yaml", "overlays/stage/iris.yaml"]
-    for lines in diffs.values():
-        assert len(lines) == 4 and all("/traffic," in line for line in lines), lines
+    # prod overrides the weights, so only the environments using the defaults change: one line per
+    # predictor's traffic, and one per variant's recorded weight (the rule the dashboards compare with).
+    assert sorted(diffs) == [f"overlays/{env}/{name}" for env in ("dev", "stage") for name in ("iris.yaml", seldon.WEIGHTS_FILE)]
+    for rel, lines in diffs.items():
+        if rel.endswith(seldon.WEIGHTS_FILE):
+            assert len(lines) == 4 and all(f"record: {seldon.WEIGHT_METRIC}, expr: vector(" in line and "model: iris," in line for line in lines), lines
+            assert sorted(line[:1] + line.split("vector(")[1].split(")")[0] for line in lines) == ["+25", "+75", "-10", "-90"], lines
+        else:
+            assert len(lines) == 4 and all("/traffic," in line for line in lines), lines
 
 
 def break_traffic(repo):
@@ -259,3 +267,131 @@ def test_committed_repository_is_valid():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "are valid" in proc.stdout
+
+
+# --- plaintext secrets: the repository's files and the rendered clusters -------------------------
+# Every planted secret is made up here at run time, so this file holds none for the scan to find.
+
+
+def made_up(alphabet: str, n: int) -> str:
+    return "".join(random.choice(alphabet) for _ in range(n))
+
+
+UPPER_DIGITS = string.ascii_uppercase + string.digits
+PLANTED = {
+    # file: (text, line, problem)
+    "deploy/id_rsa": (
+        "-----BEGIN " + "RSA PRIVATE KEY-----\n" + made_up(string.ascii_letters, 64) + "\n-----END " + "RSA PRIVATE KEY-----\n",
+        1, "private key block",
+    ),
+    "training/upload.py": (f"import boto3\n\nKEY_ID = '{'AKIA' + made_up(UPPER_DIGITS, 16)}'\n", 3, "AWS access key id AKIA"),
+    "deploy/aws.ini": (f"[default]\naws_secret_access_key = {made_up(string.ascii_letters + string.digits + '/+', 40)}\n", 2, "AWS secret access key"),
+    "docs/registry.md": (f"Use {'postgresql' + '://'}mlflow:{made_up(string.ascii_letters, 12)}@db.internal:5432/mlflow\n", 1, "password in URL for user 'mlflow'"),
+    "clusters/base/values.yaml": (f"grafana:\n  admin:\n    password: {made_up(string.ascii_letters, 10)}\n", 3, "literal value for 'password'"),
+    "model-settings/extra.json": (f'{{\n  "parameters": {{\n    "api_token": "{made_up(string.hexdigits, 32)}"\n  }}\n}}\n', 3, "literal value for 'api_token'"),
+    "deploy/.env": (f"# local settings\nMLFLOW_TRACKING_PASSWORD={made_up(string.ascii_letters, 14)}\n", 2, "literal value for 'MLFLOW_TRACKING_PASSWORD'"),
+    "deploy/pod.yaml": (
+        f"spec:\n  containers:\n    - name: app\n      env:\n        - name: DB_PASSWORD\n          value: {made_up(string.ascii_letters, 10)}\n",
+        6, "literal value for 'DB_PASSWORD'",
+    ),
+    "deploy/secret.yaml": (
+        f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  config: {made_up(string.ascii_letters, 10)}\n",
+        5, "plaintext Secret stringData in Git",
+    ),
+}
+NOT_SECRETS = {
+    "deploy/refs.yaml": (
+        "password: ${DB_PASSWORD}\ntoken: ''\nexistingSecret: grafana-admin\npasswordKey: admin-password\ntokenTTL: 3600\n"
+        "env:\n  - name: MLFLOW_TRACKING_PASSWORD\n    valueFrom: {secretKeyRef: {name: mlflow-credentials, key: password}}\n"
+        "secret: '{{ .Values.secret }}'\nadmin-password: ENC[AES256_GCM,data:abc,type:str]\n"
+    ),
+    "docs/example.md": f"export MLOPS_BACKEND_STORE_URI={'postgresql' + '://'}mlflow:...@db.internal:5432/mlflow\n",
+    "deploy/example.env": "API_KEY=\nDB_PASSWORD=<password>\n",
+}
+
+
+def git_repo(path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    return path
+
+
+def test_committed_repository_holds_no_plaintext_secret():
+    files = secrets.repository_files(ROOT)
+    assert {"README.md", "deployments.yaml", "model-settings/settings.json", "clusters/base/infrastructure/kube-prometheus-stack.yaml"} <= set(files)
+    assert secrets.scan_repository(ROOT) == []
+
+
+def test_each_planted_secret_is_reported_with_file_and_line(tmp_path):
+    repo = git_repo(tmp_path, {**{rel: text for rel, (text, _, _) in PLANTED.items()}, **NOT_SECRETS, ".gitignore": "local.env\n"})
+    (repo / "local.env").write_text(f"TOKEN={made_up(string.ascii_letters, 20)}\n")  # ignored by git, as .venv is
+    errors = secrets.scan_repository(repo)
+    for rel, (_, line, problem) in PLANTED.items():
+        assert any(e.startswith(f"{rel}:{line}: {problem}") for e in errors), f"{rel}: {problem} not in\n" + "\n".join(errors)
+    assert len(errors) == len(PLANTED), "\n".join(errors)
+
+
+def test_mlops_validate_fails_on_a_planted_secret(repo, capsys):
+    from mlops.validate import main
+
+    git_repo(repo, {"deploy/.env": PLANTED["deploy/.env"][0]})
+    assert main(repo, CRDS) == 1
+    out = capsys.readouterr().out
+    assert "deploy/.env:2: literal value for 'MLFLOW_TRACKING_PASSWORD'" in out and "1 problem(s)" in out
+
+
+def add_config(repo, data: dict, env: list[dict] | None = None):
+    objects = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config", "namespace": "monitoring"}, "data": data}]
+    if env:
+        pod = {"containers": [{"name": "app", "image": "ghcr.io/example/app:1.0.0", "env": env}]}
+        objects.append({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app", "namespace": "monitoring"},
+            "spec": {"selector": {"matchLabels": {"app": "a"}}, "template": {"metadata": {"labels": {"app": "a"}}, "spec": pod}},
+        })
+    add_to_monitoring(repo, "app.yaml", yaml.safe_dump_all(objects))
+
+
+def test_rendered_clusters_are_scanned_for_secrets(repo):
+    key_id = "ASIA" + made_up(UPPER_DIGITS, 16)
+    add_config(
+        repo,
+        {
+            "DB_PASSWORD": made_up(string.ascii_letters, 12),
+            "registry": f"{'https' + '://'}ci:{made_up(string.ascii_letters, 12)}@mlflow.internal",
+            "tls.key": "-----BEGIN " + "PRIVATE KEY-----\n" + made_up(string.ascii_letters, 40),
+            "upload.sh": f"aws configure set aws_access_key_id {key_id}",
+            "DB_USER": "app",
+        },
+        env=[{"name": "API_TOKEN", "value": made_up(string.hexdigits, 24)}, {"name": "LOG_LEVEL", "value": "info"}],
+    )
+    errors = validate(repo, CRDS)
+    where = "clusters/base/monitoring (ConfigMap/app-config): "
+    assert sorted(errors) == sorted([
+        f"{where}data.DB_PASSWORD: literal value for 'DB_PASSWORD': reference a Secret instead",
+        f"{where}data.registry: password in URL for user 'ci'",
+        f"{where}data['tls.key']: private key block",
+        f"{where}data['upload.sh']: AWS access key id ASIA{key_id[4:8]}…",
+        "clusters/base/monitoring (Deployment/app): spec.template.spec.containers[0].env[0].value: "
+        "literal value for 'API_TOKEN': reference a Secret (secretKeyRef) instead",
+    ]), "\n".join(errors)
+
+
+def test_image_serves_with_the_generated_server_settings():
+    """The pods must run the settings the benchmark chose, from the serving lock's exact versions."""
+    text = (ROOT / "Dockerfile").read_text()
+    copies = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("COPY "))
+    cmd = json.loads(next(line.removeprefix("CMD ") for line in text.splitlines() if line.startswith("CMD ")))
+    assert cmd[:2] == ["mlserver", "start"]
+    assert copies["model-settings/settings.json"] == f"{cmd[2]}/settings.json"
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")}
+    for src in copies:
+        assert (ROOT / src).exists() and src.split("/")[0] not in ignored, src
+    pins = lambda name: dict(  # noqa: E731
+        line.split("==") for line in (ROOT / name).read_text().splitlines() if "==" in line and not line.startswith(" ")
+    )
+    serving, full = pins("requirements-serving.lock"), pins("requirements.lock")
+    assert "requirements-serving.lock" in copies and serving.items() <= full.items()
+    assert "pytest" not in serving and "mlserver" in serving

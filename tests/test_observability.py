@@ -1,108 +1,174 @@
-"""Every dashboard query and alert expression against a real Prometheus scraping a real MLServer under load.
+"""Every dashboard query and alert expression against a real Prometheus scraping real MLServers under load.
 
 A query that parses but matches nothing would be a blank panel in Grafana, so each panel must
-return data here. The server is set up so that every panel can: adaptive batching on one model,
-a shadow variant (wine), failed requests.
+return data here, in both places the platform runs:
+
+- locally: `mlops serve`, whose router splits each public name in-process; set up so that every
+  panel can have data: an inference worker, adaptive batching on one model, a shadow variant (wine),
+  failed requests;
+- in a cluster: one MLServer per variant pod, started here as the generated SeldonDeployment's
+  container would be (its environment, one model), scraped with the target labels that the
+  PodMonitor's relabelings give a pod with the generated pod labels, and the generated overlay's
+  weight rule loaded. The load splits the public name between the pods by the overlay's weights,
+  as Istio would.
+
+Local series carry no namespace label, the pods' carry `namespace="models"` (as prometheus-operator
+adds), so one Prometheus holds both and each form is checked on its own series.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import threading
 import time
-import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
 
-from conftest import Server, free_port
-from mlops import dashboards
+from conftest import REPO, Server, free_port, stop_group
+from mlops import dashboards, seldon
+from mlops.prometheus import Prometheus, rule_file, scrape_job
+from mlops.registry import Registry, default_registry
+from mlops.serve import Ports, mlserver_command, server_env
+from mlops.spec import load_spec
 
 LOAD_S = 15  # seconds of load; with a 1 s scrape that is enough samples for every rate()
 BATCHED = "diabetes-champion"
-VARIABLES = {"$namespace": ".*", "$model": ".*", "$variant": ".*", "$__rate_interval": "1m"}
 FEATURES = {"iris": 4, "wine": 13, "diabetes": 10}
+LOCAL = {"$namespace": "", "$model": ".*", "$variant": ".*", "$__rate_interval": "1m"}  # "" matches only series without the label
+CLUSTER = {**LOCAL, "$namespace": seldon.NAMESPACE}
+POD_MODEL, POD_ENV = "iris", "dev"  # the variant pods: iris's live variants with the dev overlay's weights
+PODMONITOR = REPO / "clusters/base/monitoring/podmonitor-mlserver.yaml"
 
 
-class Prometheus:
-    def __init__(self, workdir: Path, target: str):
-        exe = shutil.which("prometheus")
-        if exe is None:
-            pytest.fail("prometheus not found on PATH; install it with `apt-get install prometheus`")
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        config.write_text(json.dumps({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "mlserver", "static_configs": [{"targets": [target]}]}],
-        }))  # fmt: skip
-        self.log = open(workdir / "prometheus.log", "w+")
-        self.proc = subprocess.Popen(
-            [exe, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+def _sanitize(label: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
 
-    def query(self, expr: str) -> dict:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as exc:
-            return json.load(exc)
 
-    def wait_ready(self, timeout: float = 30) -> None:
+def podmonitor_relabel_configs(podmonitor: dict) -> list[dict]:
+    """What prometheus-operator makes of the PodMonitor: its own namespace and pod labels, podTargetLabels,
+    then the endpoint's relabelings (camelCase fields in the CRD, snake_case in Prometheus)."""
+    spec = podmonitor["spec"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    configs = [
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+    ]
+    for label in spec.get("podTargetLabels", []):
+        configs.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(label)}"], "regex": "(.+)", "target_label": _sanitize(label)})
+    for relabel in endpoint.get("relabelings", []):
+        configs.append({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in relabel.items()})
+    return configs
+
+
+class Pod:
+    """One variant's MLServer as its Seldon predictor runs it: the container's environment from the
+    generated SeldonDeployment, an empty model folder, one model, its own ports."""
+
+    def __init__(self, registry: Registry, workdir: Path, predictor: dict):
+        (component,) = predictor["componentSpecs"]
+        (container,) = component["spec"]["containers"]
+        self.labels = component["metadata"]["labels"]
+        self.name = container["name"]
+        self.ports = Ports(free_port(), free_port(), free_port())
+        models = workdir / self.name
+        models.mkdir()
+        env = server_env(registry, self.ports, str(workdir / f"{self.name}-metrics"))
+        env.update({e["name"]: e["value"] for e in container["env"]})
+        self.log = open(workdir / f"{self.name}.log", "w+")
+        self.proc = subprocess.Popen(mlserver_command(models), cwd=models, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def scrape_job(self, podmonitor: dict) -> dict:
+        meta = {f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in self.labels.items()}
+        meta.update(__meta_kubernetes_namespace=seldon.NAMESPACE, __meta_kubernetes_pod_name=f"{self.name}-0")
+        return scrape_job(self.name, [f"127.0.0.1:{self.ports.metrics}"], meta, podmonitor_relabel_configs(podmonitor))
+
+    def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}/v2/models/{self.name}/ready", timeout=2):
                     return
             except OSError:
-                time.sleep(0.3)
+                time.sleep(0.5)
         self.log.seek(0)
-        raise AssertionError(f"Prometheus not ready:\n{self.log.read()[-3000:]}")
+        raise AssertionError(f"variant pod {self.name} not ready:\n{self.log.read()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+        stop_group(self.proc)
         self.log.close()
 
 
+def _call(rest, grpc, model: str, n: int) -> None:
+    """One inference call, REST or gRPC by turn; one call in ten has the wrong feature count and fails."""
+    width = FEATURES[model.split("-")[0]] - (n % 10 == 0)
+    row = np.random.default_rng(n).random((1, width))
+    try:
+        if n % 2:
+            inp = httpclient.InferInput("input-0", [1, width], "FP64")
+            inp.set_data_from_numpy(row, binary_data=False)
+            rest.infer(model, [inp])
+        else:
+            inp = grpcclient.InferInput("input-0", [1, width], "FP64")
+            inp.set_data_from_numpy(row)
+            grpc.infer(model, [inp])
+    except Exception as exc:  # noqa: BLE001 - wrong widths fail on purpose
+        if n % 10:
+            raise AssertionError(f"{model}: {exc}") from None
+
+
 def _load(srv: Server, stop: threading.Event, failures: list) -> None:
-    """REST and gRPC to routed and direct models; one call in ten has the wrong feature count."""
+    """REST and gRPC to routed and direct models."""
     rest = httpclient.InferenceServerClient(srv.url)
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc}")
     targets = ["iris", "wine", "diabetes", "iris-champion", BATCHED]
     n = 0
     while not stop.is_set():
         n += 1
-        model = targets[n % len(targets)]
-        width = FEATURES[model.split("-")[0]] - (n % 10 == 0)
-        row = np.random.default_rng(n).random((1, width))
         try:
-            if n % 2:
-                inp = httpclient.InferInput("input-0", [1, width], "FP64")
-                inp.set_data_from_numpy(row, binary_data=False)
-                rest.infer(model, [inp])
-            else:
-                inp = grpcclient.InferInput("input-0", [1, width], "FP64")
-                inp.set_data_from_numpy(row)
-                grpc.infer(model, [inp])
-        except Exception as exc:  # noqa: BLE001 - wrong widths fail on purpose
-            if n % 10:
-                failures.append(f"{model}: {exc}")
+            _call(rest, grpc, targets[n % len(targets)], n)
+        except AssertionError as exc:
+            failures.append(str(exc))
+
+
+def _split(pods: list[Pod], weights: dict[str, int], stop: threading.Event, failures: list) -> None:
+    """The public name's traffic sent to the variant pods by weight, as Istio's weighted routes do."""
+    clients = {
+        p.labels["mlops/variant"]: (p.name, httpclient.InferenceServerClient(f"127.0.0.1:{p.ports.http}"), grpcclient.InferenceServerClient(f"127.0.0.1:{p.ports.grpc}"))
+        for p in pods
+    }
+    variants = sorted(clients)
+    rng = np.random.default_rng(0)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        name, rest, grpc = clients[rng.choice(variants, p=[weights[v] / 100 for v in variants])]
+        try:
+            _call(rest, grpc, name, n)
+        except AssertionError as exc:
+            failures.append(str(exc))
+
+
+@dataclass
+class Scraped:
+    prom: Prometheus
+    weights: dict[str, int]  # the pods' configured weights by variant
 
 
 @pytest.fixture(scope="module")
 def scraped(trained, tmp_path_factory):
-    """A private server with adaptive batching on one model, under load, scraped every second."""
+    """A private local server with adaptive batching on one model, and iris's live variants as pods, all under
+    load and scraped every second."""
     work = tmp_path_factory.mktemp("observability")
     project = work / "project"
     shutil.copytree(trained, project, symlinks=True)
@@ -110,14 +176,38 @@ def scraped(trained, tmp_path_factory):
     settings = json.loads(path.read_text())
     settings.update(max_batch_size=4, max_batch_time=0.005)
     path.write_text(json.dumps(settings))
+    # An inference worker process, as the pods run by MLServer's default: MLServer exports its queue
+    # histograms (parallel and adaptive batching) only then.
+    path = project / "model-settings" / "settings.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "parallel_workers": 1}))
+
+    sdep = yaml.safe_load((project / "seldon/base" / f"{POD_MODEL}.yaml").read_text())
+    weights = load_spec(project / "deployments.yaml").models[POD_MODEL].weights(POD_ENV)
+    weight_rule = yaml.safe_load((project / "seldon/overlays" / POD_ENV / seldon.WEIGHTS_FILE).read_text())
+    podmonitor = yaml.safe_load(PODMONITOR.read_text())
+
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        registry = default_registry(project)
     srv = Server(project)
+    pods: list[Pod] = []
     prom = None
     try:
+        pods = [Pod(registry, work, p) for p in sdep["spec"]["predictors"] if not p.get("shadow")]
+        assert {p.labels["mlops/variant"] for p in pods} == set(weights)
         srv.wait_ready()
-        prom = Prometheus(work, f"127.0.0.1:{srv.metrics}")
+        for pod in pods:
+            pod.wait_ready()
+        prom = Prometheus(
+            work / "prometheus", free_port(),
+            [scrape_job("mlserver", [f"127.0.0.1:{srv.metrics}"]), *(p.scrape_job(podmonitor) for p in pods)],
+            {"mlops-serving.yaml": rule_file(dashboards.prometheus_rule()), "variant-weights.yaml": rule_file(weight_rule)},
+            interval="1s",
+        )  # fmt: skip
         prom.wait_ready()
         stop, failures = threading.Event(), []
-        threads = [threading.Thread(target=_load, args=(srv, stop, failures)) for _ in range(4)]
+        threads = [threading.Thread(target=_load, args=(srv, stop, failures)) for _ in range(3)]
+        threads += [threading.Thread(target=_split, args=(pods, weights, stop, failures)) for _ in range(2)]
         for t in threads:
             t.start()
         time.sleep(LOAD_S)
@@ -125,45 +215,134 @@ def scraped(trained, tmp_path_factory):
         for t in threads:
             t.join()
         assert not failures, failures[:3]
-        time.sleep(2)  # the last scrape after the load
-        yield prom
+        time.sleep(2)  # the last scrape and rule evaluation after the load
+        yield Scraped(prom, weights)
     finally:
         if prom is not None:
             prom.stop()
+        for pod in pods:
+            pod.stop()
         srv.stop()
 
 
-def _substitute(expr: str) -> str:
-    for var, value in VARIABLES.items():
+def _substitute(expr: str, variables: dict[str, str]) -> str:
+    for var, value in variables.items():
         expr = expr.replace(var, value)
     return expr
 
 
-@pytest.mark.parametrize("name", sorted(dashboards.DASHBOARDS))
-def test_every_panel_query_returns_data(scraped, name):
+def _empty_panels(prom: Prometheus, dashboard: dict, variables: dict[str, str], skip=()) -> list[str]:
     problems = []
-    for title, expr in dashboards.panel_queries(dashboards.DASHBOARDS[name]()):
-        answer = scraped.query(_substitute(expr))
+    for title, expr in dashboards.panel_queries(dashboard):
+        if title in skip:
+            continue
+        answer = prom.query(_substitute(expr, variables))
         if answer.get("status") != "success":
             problems.append(f"{title}: {answer.get('error')}\n  {expr}")
         elif not answer["data"]["result"]:
             problems.append(f"{title}: no data\n  {expr}")
+    return problems
+
+
+def _series(prom: Prometheus, expr: str) -> list[dict]:
+    answer = prom.query(expr)
+    assert answer.get("status") == "success", f"{answer.get('error')}\n  {expr}"
+    return [r["metric"] for r in answer["data"]["result"]]
+
+
+@pytest.mark.parametrize("name", sorted(dashboards.DASHBOARDS))
+def test_every_panel_query_returns_data_locally(scraped, name):
+    problems = _empty_panels(scraped.prom, dashboards.DASHBOARDS[name](), LOCAL)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", ["overview", "ab"])
+def test_every_traffic_panel_returns_data_for_variant_pods(scraped, name):
+    """In a cluster, from the pods' own series; shadow agreement is the router's alone (Seldon compares nothing)."""
+    problems = _empty_panels(scraped.prom, dashboards.DASHBOARDS[name](), CLUSTER, skip={dashboards.SHADOW_AGREEMENT})
+    assert not problems, "\n".join(problems)
+
+
+def test_per_variant_panels_show_each_variant_pod(scraped):
+    """(The weight rule also covers the models that have no pods here.)"""
+    for title, expr in dashboards.panel_queries(dashboards.ab()):
+        if title == dashboards.SHADOW_AGREEMENT:
+            continue
+        got = {m["variant"] for m in _series(scraped.prom, _substitute(expr, CLUSTER)) if m.get("model") == POD_MODEL and "variant" in m}
+        assert got in (set(), set(scraped.weights)), f"{title}: {got}"
+    (weight,) = [t["expr"] for p in dashboards.ab()["panels"] for t in p.get("targets", []) if t["legendFormat"].endswith(" weight")]
+    assert {m["variant"] for m in _series(scraped.prom, _substitute(weight, CLUSTER))} == {v for v, w in scraped.weights.items() if w > 0}
+
+
+def test_overlay_rule_records_the_configured_weights(scraped):
+    answer = scraped.prom.query(f'{seldon.WEIGHT_METRIC}{{model="{POD_MODEL}"}}')["data"]["result"]
+    recorded = {r["metric"]["variant"]: int(r["value"][1]) for r in answer}
+    assert recorded == scraped.weights
+    assert {r["metric"]["namespace"] for r in answer} == {seldon.NAMESPACE}
+
+
+def test_variable_queries_list_models_and_variants(scraped):
+    """Grafana fills the variables with label_values(selector, label): the label's values on matching series."""
+    queries = {v["name"]: v["query"] for v in dashboards.ab()["templating"]["list"] if v["type"] == "query"}
+
+    def values(name: str, variables: dict[str, str]) -> set[str]:
+        selector, label = re.fullmatch(r"label_values\((.*), (\w+)\)", queries[name]).groups()
+        answer = scraped.prom.api(f"label/{label}/values", **{"match[]": _substitute(selector, variables)})
+        return set(answer["data"])
+
+    assert {"iris", "iris-champion", "wine", BATCHED} <= values("model", LOCAL)
+    assert {"champion", "challenger"} == values("variant", LOCAL)
+    assert values("model", CLUSTER) == {POD_MODEL}, "in a cluster the model is the pods' model label"
+    assert values("variant", CLUSTER) == set(scraped.weights)
 
 
 def test_every_alert_expression_evaluates(scraped):
     problems = []
     for rule in dashboards.alert_rules():
-        answer = scraped.query(rule["expr"])
+        answer = scraped.prom.query(rule["expr"])
         if answer.get("status") != "success":
             problems.append(f"{rule['alert']}: {answer.get('error')}")
     assert not problems, "\n".join(problems)
 
 
+def test_every_alert_sees_its_series_locally_and_in_variant_pods(scraped):
+    """What each alert compares with its threshold returns series of both forms: the alert can fire in both."""
+    problems = []
+    for alert, signal in dashboards.alert_signals().items():
+        found = _series(scraped.prom, signal)
+        local = [m for m in found if "namespace" not in m]
+        cluster = [m for m in found if m.get("namespace") == seldon.NAMESPACE and m.get("model") == POD_MODEL]
+        if not local or not cluster:
+            problems.append(f"{alert}: {len(local)} local and {len(cluster)} pod series\n  {signal}")
+        if "variant" in signal and any("variant" in m for m in cluster):
+            if {m.get("variant") for m in cluster} != set(scraped.weights):
+                problems.append(f"{alert}: pod variants {[m.get('variant') for m in cluster]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_traffic_alert_watches_only_what_should_get_traffic(scraped):
+    """Locally the routed public names, not the variants served beside them; in a cluster the weighted variant pods."""
+    candidates = _series(scraped.prom, dashboards.alert_signals()["MLOpsModelNoTraffic"])
+    assert {m["model"] for m in candidates if "namespace" not in m} == {"iris", "wine", "diabetes"}
+    assert {(m["model"], m["variant"]) for m in candidates if "namespace" in m} == {(POD_MODEL, v) for v, w in scraped.weights.items() if w > 0}
+    (rule,) = [r for r in dashboards.alert_rules() if r["alert"] == "MLOpsModelNoTraffic"]
+    assert _series(scraped.prom, rule["expr"]) == [], "everything that should get traffic got some"
+
+
+def test_pod_latency_histograms_add_up(scraped):
+    """The pod form adds MLServer's REST and gRPC latency histograms: that needs the same buckets."""
+    buckets = [
+        {m["le"] for m in _series(scraped.prom, f'count by (le) ({metric}{{variant!=""}})')}
+        for metric in ("rest_server_request_duration_seconds_bucket", "grpc_server_handling_seconds_bucket")
+    ]
+    assert buckets[0] and buckets[0] == buckets[1]
+
+
 def test_process_and_lifecycle_metrics_are_exported(scraped):
     """MLServer exports neither; the runtimes do, for the main process and each worker."""
-    processes = {r["metric"]["process"] for r in scraped.query("mlops_process_resident_memory_bytes")["data"]["result"]}
+    local = '{namespace=""}'
+    processes = {r["process"] for r in _series(scraped.prom, f"mlops_process_resident_memory_bytes{local}")}
     assert processes == {"main", "worker"}
-    ready = {r["metric"]["model"]: r["value"][1] for r in scraped.query("mlops_model_ready")["data"]["result"]}
+    ready = {r["metric"]["model"]: r["value"][1] for r in scraped.prom.query(f"mlops_model_ready{local}")["data"]["result"]}
     assert ready and set(ready.values()) == {"1"}, ready
     assert {"iris", "wine", "diabetes", BATCHED} <= set(ready)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import urllib.request
@@ -15,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import Server, mlops
+from conftest import Server, mlops, scrape
 
 ROW = np.array([[5.9, 3.0, 5.1, 1.8]])
 
@@ -39,18 +38,6 @@ def variant_of(response: dict) -> str:
     params = response["parameters"]
     value = params["variant"]
     return value["string_param"] if isinstance(value, dict) else value
-
-
-def scrape(srv: Server) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        m = re.match(r"^(mlops_router_\w+)\{(.*)\} (\S+)$", line)
-        if m:
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-            samples[(m.group(1), labels)] = float(m.group(3))
-    return samples
 
 
 def metric(samples, name, **labels) -> float:
@@ -111,12 +98,12 @@ def private(trained, tmp_path_factory):
 def test_failing_shadow_never_fails_a_request(private):
     _, srv = private
     client = httpclient.InferenceServerClient(srv.url)
-    before = scrape(srv)
+    before = scrape(srv, "mlops_router_")
     answers = [rest_infer(client) for _ in range(200)]
     assert all(a["outputs"][0]["data"] for a in answers)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        after = scrape(srv)
+        after = scrape(srv, "mlops_router_")
         errors = metric(after, "mlops_router_requests_total", model="iris", variant="broken-shadow", role="shadow", outcome="error")
         errors -= metric(before, "mlops_router_requests_total", model="iris", variant="broken-shadow", role="shadow", outcome="error")
         if errors == 200:
@@ -166,7 +153,7 @@ def test_weight_change_under_load_loses_no_request_and_moves_only_the_moved_shar
     assert not failures, f"{len(failures)} failed requests during the weight change, e.g. {failures[:3]}"
     assert done["rest"] > 50 and done["grpc"] > 50, done
 
-    samples = scrape(srv)
+    samples = scrape(srv, "mlops_router_")
     assert metric(samples, "mlops_router_variant_weight", model="iris", variant="champion") == 60
     assert metric(samples, "mlops_router_variant_weight", model="iris", variant="challenger") == 40
 

@@ -104,6 +104,10 @@ BAD_SPECS = {
         BASE.replace("{alias: challenger, weight: 20}", "{alias: challenger, wieght: 20}"),
         r"deployments.yaml: models.iris.variants.challenger.wieght: unknown field",
     ),
+    "fallback not a boolean": (
+        BASE.replace("  wine:\n", "  wine:\n    fallback: sometimes\n"),
+        r"deployments.yaml: models.wine.fallback: Input should be a valid boolean.*\(got 'sometimes'\)",
+    ),
     "env override for unknown variant": (
         BASE.replace("prod: {weights: {champion: 90, challenger: 10}}", "prod: {weights: {champion: 90, ghost: 10}}"),
         r"deployments.yaml: models.iris.environments.prod.weights.ghost: no such variant",
@@ -169,3 +173,15 @@ def test_committed_files_match_the_spec(trained):
     fresh = generated(trained)
     stale = sorted(k for k in set(committed) | set(fresh) if committed.get(k) != fresh.get(k))
     assert not stale, f"regenerate with `mlops sync` on a fresh registry (`make clean up`): {stale}"
+
+
+def test_fallback_is_written_into_the_router_settings_only_where_the_spec_sets_it(project):
+    spec = project / "deployments.yaml"
+    spec.write_text(spec.read_text().replace("  wine:\n", "  wine:\n    fallback: true\n"))
+    before = synced(project)
+    extra = lambda model: json.loads((project / "model-settings" / model / "model-settings.json").read_text())["parameters"]["extra"]  # noqa: E731
+    assert extra("wine")["fallback"] is True
+    assert "fallback" not in extra("iris") and "fallback" not in extra("diabetes")
+    spec.write_text(spec.read_text().replace("  wine:\n    fallback: true\n", "  wine:\n"))
+    after = synced(project)
+    assert sorted(k for k in before if before[k] != after.get(k)) == ["model-settings/wine/model-settings.json"]

@@ -5,31 +5,49 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 
-from conftest import MLOPS, free_port, new_project
+from conftest import MLOPS, free_port, mlops, new_project
+
+from mlops import dashboards
+
+
+def _query(url: str, expr: str) -> list[dict]:
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
+        return json.load(r)["data"]["result"]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tmp_path):
+    """With --with-prometheus, also a Prometheus scraping the server, with the alert rules, gone with the server."""
     project = new_project(tmp_path / "project")
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(4)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLOPS_PROJECT_DIR"] = str(project)
     log = open(tmp_path / "up.log", "w+")
     proc = subprocess.Popen(
-        [MLOPS, "up", "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+        [MLOPS, "up", "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--with-prometheus", "--prometheus-port", ports[3]],
         cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         deadline, text = time.monotonic() + 300, ""
-        while time.monotonic() < deadline and "Ctrl-C stops the server." not in text:
+        while time.monotonic() < deadline and "Ctrl-C stops the server" not in text:
             assert proc.poll() is None, f"mlops up exited {proc.returncode}:\n{text}"
             time.sleep(1)
             log.seek(0)
             text = log.read()
-        assert "Ctrl-C stops the server." in text, text[-3000:]
+        assert "Ctrl-C stops the server" in text, text[-3000:]
         assert (project / ".mlops" / "mlflow.db").is_file(), "the embedded registry lives in the project"
         assert (project / "model-settings" / "iris" / "model-settings.json").is_file()
         for url in (f"http://127.0.0.1:{ports[0]}/v2/models/<name>/infer", f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"):
@@ -41,7 +59,33 @@ def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tm
         with urllib.request.urlopen(req, timeout=30) as r:
             answer = json.loads(r.read())
         assert answer["outputs"][0]["data"], answer
+
+        prometheus = re.search(r"Prometheus (http://\S+)", text)
+        assert prometheus and prometheus.group(1) == f"http://127.0.0.1:{ports[3]}", text[-3000:]
+        url, model = prometheus.group(1), curl.group(1).split("/")[-2]
+        deadline, found = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not found:  # the next scrape after the request
+            found = _query(url, f'model_infer_request_success_total{{model="{model}"}} > 0')
+            time.sleep(1)
+        assert found, f"{url} has no requests of {model}"
+        with urllib.request.urlopen(f"{url}/api/v1/rules?type=alert", timeout=10) as r:
+            loaded = {rule["name"] for group in json.load(r)["data"]["groups"] for rule in group["rules"]}
+        assert loaded == {rule["alert"] for rule in dashboards.alert_rules()}
+
+        proc.send_signal(signal.SIGTERM)  # to `mlops up` alone: it stops the server, then Prometheus
+        assert proc.wait(timeout=120) is not None
+        assert not _answers(url), "Prometheus outlived the server"
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
         log.close()
+
+
+def test_up_with_prometheus_names_the_package_when_it_is_missing(tmp_path):
+    project = new_project(tmp_path / "project")
+    (tmp_path / "bin").mkdir()
+    proc = mlops(project, "up", "--with-prometheus", env={"PATH": str(tmp_path / "bin")})
+    assert proc.returncode == 1
+    assert "prometheus not found on PATH" in proc.stderr and "apt-get install prometheus" in proc.stderr
+    assert not (project / ".mlops" / "mlflow.db").exists(), "it fails before training anything"

@@ -26,9 +26,10 @@ def tree_model_dir(project):
 
 
 def load_runtime(uri: str, **extra) -> RegistrySKLearnRuntime:
+    """Raises what stops the load; MLServer's load() turns it into a not-ready model (tests/test_reliability.py)."""
     settings = ModelSettings(name="m", implementation=RegistrySKLearnRuntime, parameters=ModelParameters(uri=uri, extra=extra))
     runtime = RegistrySKLearnRuntime(settings)
-    asyncio.run(runtime.load())
+    asyncio.run(runtime.load_model())
     return runtime
 
 

@@ -1,0 +1,79 @@
+"""Behaviours of MLServer 1.7.1 that this project changes, applied when a runtime module is imported.
+
+MLServer imports a model's runtime in its main process before it loads the model, so these are in
+place before the first load finishes and before the first request reaches a model. Each one is
+small, idempotent and tied to 1.7.1's internals; tests/test_reliability.py checks each against a
+real server, so an MLServer upgrade that breaks one fails there.
+
+- Readiness with parallel workers: a runtime's `load()` returning False marks the model not ready
+  (MLServer's documented contract), but with parallel workers the main process reports every model
+  ready whatever its workers said. It now asks a worker (`is_ready`) for runtimes that offer it.
+- gRPC tensors whose `raw_input_contents` do not match their shape and datatype were INTERNAL
+  errors from the request converter; they are now INVALID_ARGUMENT, naming the mismatch.
+- While no inference worker is up (one died and MLServer is starting its replacement), requests
+  got a bare 500 from an empty round robin; they now get 503 / UNAVAILABLE saying so.
+- Status codes MLServer has no gRPC mapping for: 413 (request too large) is RESOURCE_EXHAUSTED,
+  503 is UNAVAILABLE, instead of UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import grpc
+from mlserver.errors import InferenceError, MLServerError
+from mlserver.grpc import converters
+from mlserver.grpc.utils import STATUS_CODE_MAPPING
+from mlserver.parallel.dispatcher import Dispatcher
+from mlserver.parallel.model import ParallelModel
+
+READINESS_PROBE = "is_ready"  # the runtime method a worker answers with its model's readiness
+
+
+class WorkerUnavailable(MLServerError):
+    def __init__(self):
+        super().__init__(
+            "no inference worker is available: MLServer is restarting a worker that stopped; retry shortly",
+            status_code=503,
+        )
+
+
+async def _parallel_load(self) -> bool:
+    if not hasattr(self._model, READINESS_PROBE):
+        return True
+    return bool(await self._send(READINESS_PROBE))
+
+
+def _wrap_request_converter(to_types):
+    def wrapped(cls, pb_object):
+        try:
+            return to_types(pb_object)
+        except MLServerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a request the converter cannot read is the client's
+            raise InferenceError(
+                f"malformed tensor contents: {exc} (each raw_input_contents entry must hold exactly "
+                "the elements of its input's shape, in its datatype's binary form)"
+            ) from None
+
+    wrapped.mlops_patched = True
+    return classmethod(wrapped)
+
+
+def _wrap_get_worker(get_worker):
+    def wrapped(self):
+        try:
+            return get_worker(self)
+        except StopIteration:  # the round robin is empty until a restarted worker has loaded its models
+            raise WorkerUnavailable() from None
+
+    wrapped.mlops_patched = True
+    return wrapped
+
+
+def apply() -> None:
+    ParallelModel.load = _parallel_load
+    if not getattr(converters.ModelInferRequestConverter.to_types, "mlops_patched", False):
+        converters.ModelInferRequestConverter.to_types = _wrap_request_converter(converters.ModelInferRequestConverter.to_types)
+    if not getattr(Dispatcher._get_worker, "mlops_patched", False):
+        Dispatcher._get_worker = _wrap_get_worker(Dispatcher._get_worker)
+    STATUS_CODE_MAPPING.setdefault(413, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    STATUS_CODE_MAPPING.setdefault(503, grpc.StatusCode.UNAVAILABLE)
