@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MLOPS, free_port, mlops, new_project
+from conftest import MLOPS, free_port, mlops, new_project, stop_group
 from training.catalog import JOBS
 
 CANDIDATES = len(JOBS["iris"].candidates)  # versions one `mlops train -m iris` registers
@@ -133,13 +133,7 @@ def team(request, tmp_path_factory):
                 time.sleep(0.5)
             yield server
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+            stop_group(proc)
 
 
 def trained_versions(output: str) -> dict[str, tuple[int, str | None]]:
