@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .registry import Registry, default_registry
-from .serve import Ports, mlserver_command, server_env
+from .serve import Ports, mlserver_command, server_env, stop_process, wait_for
 
 PAYLOAD = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
 BENCH_SPEC = """\
@@ -102,13 +102,7 @@ class Proc:
         return total / 1024
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen)
 
 
 def start(name: str, cmd: list[str], env: dict, port: int, workdir: Path) -> Proc:
@@ -121,16 +115,10 @@ def start(name: str, cmd: list[str], env: dict, port: int, workdir: Path) -> Pro
 def wait_ready(proc: Proc, path: str, timeout: float = 600) -> float:
     """Seconds from start until `path` answers 200."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.popen.poll() is not None:
-            raise BenchError(f"{proc.name} exited ({proc.popen.returncode}); see {proc.log}:\n{proc.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}{path}", timeout=5) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        time.sleep(0.2)
+    if wait_for(f"http://127.0.0.1:{proc.port}{path}", proc.popen, timeout, interval=0.2):
+        return time.monotonic() - t0
+    if proc.popen.poll() is not None:
+        raise BenchError(f"{proc.name} exited ({proc.popen.returncode}); see {proc.log}:\n{proc.log.read_text()[-2000:]}")
     raise BenchError(f"{proc.name} not ready after {timeout:.0f}s; see {proc.log}")
 
 

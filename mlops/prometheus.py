@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import yaml
+
+from .serve import stop_process, wait_for
 
 MISSING = "prometheus not found on PATH; install it with `apt-get install prometheus`"
 
@@ -91,23 +92,11 @@ class Prometheus:
         return self.log.read()
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise PrometheusError(f"Prometheus did not start on {self.url}:\n{self.output()[-3000:]}")
+        if not wait_for(f"{self.url}/-/ready", self.proc, timeout, interval=0.3):
+            raise PrometheusError(f"Prometheus did not start on {self.url}:\n{self.output()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

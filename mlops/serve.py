@@ -91,18 +91,31 @@ def sample_request(registry: Registry, model: dict) -> dict | None:
     return {"inputs": [{"name": "input-0", "shape": [len(rows), len(rows[0])], "datatype": "FP64", "data": flat}]}
 
 
-def wait_ready(ports: Ports, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    url = f"http://127.0.0.1:{ports.http}/v2/health/ready"
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, interval: float = 0.5) -> bool:
+    """True once `url` answers 200; False if `proc` exits or `timeout` seconds pass first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
+            with urllib.request.urlopen(url, timeout=2):
+                return True  # anything but 2xx raises HTTPError, an OSError
         except OSError:
-            pass
-        time.sleep(0.5)
+            time.sleep(interval)
     return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(ports: Ports, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    return wait_for(f"http://127.0.0.1:{ports.http}/v2/health/ready", proc, timeout)
 
 
 def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url: str | None = None) -> str:

@@ -62,25 +62,6 @@ class RequestTooLarge(InferenceError):
         self.status_code = 413
 
 
-async def load_or_not_ready(model: MLModel, load) -> bool:
-    """A model whose first load fails stays registered and not ready, with the cause logged.
-
-    Raising would make MLServer 1.7.1 drop the model, and at start-up stop the whole server, so
-    one bad artifact would take every other model down. A failed reload still raises: MLServer
-    then keeps serving the instance it has.
-    """
-    reload = metrics.loaded_instances(model.name) > 0
-    try:
-        await metrics.tracked_load(model.name, load)
-    except Exception as exc:
-        if reload:
-            raise
-        logger.error("model '%s' failed to load and stays not ready: %s", model.name, exc)
-        metrics.model_metrics().ready.labels(model.name).set(0)
-        return False
-    return True
-
-
 def fetch(uri: str, tracking_uri: str | None = None) -> Path:
     """A local directory holding the model.
 
@@ -170,19 +151,43 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
         raise ModelLoadError(f"{path}: cannot load skops file ({type(exc).__name__}: {exc})") from None
 
 
-class RegistrySKLearnRuntime(MLModel):
+class ReportedModel(MLModel):
+    """Loads through `load_model()`, reporting the outcome under the served name.
+
+    A model whose first load fails stays registered and not ready, with the cause logged.
+    Raising would make MLServer 1.7.1 drop the model, and at start-up stop the whole server, so
+    one bad artifact would take every other model down. A failed reload still raises: MLServer
+    then keeps serving the instance it has.
+    """
+
+    _loaded = False
+
+    async def load_model(self) -> None:
+        raise NotImplementedError
+
     async def load(self) -> bool:
-        self._loaded = await load_or_not_ready(self, self.load_model())
-        return self._loaded
+        reload = metrics.loaded_instances(self.name) > 0
+        try:
+            await metrics.tracked_load(self.name, self.load_model())
+        except Exception as exc:
+            if reload:
+                raise
+            logger.error("model '%s' failed to load and stays not ready: %s", self.name, exc)
+            metrics.model_metrics().ready.labels(self.name).set(0)
+            return False
+        self._loaded = True
+        return True
 
     async def is_ready(self) -> bool:
-        return getattr(self, "_loaded", False)
+        return self._loaded
 
     async def unload(self) -> bool:
-        if getattr(self, "_loaded", False):
+        if self._loaded:
             metrics.model_unloaded(self.name)
         return True
 
+
+class RegistrySKLearnRuntime(ReportedModel):
     async def load_model(self) -> None:
         """Load without reporting readiness: a router loads its variants this way, under its own name."""
         extra = (self.settings.parameters.extra or {}) if self.settings.parameters else {}

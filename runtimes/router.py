@@ -38,7 +38,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 
 from . import metrics
-from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, load_or_not_ready
+from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, ReportedModel
 
 logger = logging.getLogger("mlserver.router")
 
@@ -84,15 +84,8 @@ def agree(live: InferenceResponse, shadow: InferenceResponse) -> bool:
     return bool(np.array_equal(x, y))
 
 
-class RouterRuntime(MLModel):
-    async def load(self) -> bool:
-        self._loaded = await load_or_not_ready(self, self._load())
-        return self._loaded
-
-    async def is_ready(self) -> bool:
-        return getattr(self, "_loaded", False)
-
-    async def _load(self) -> None:
+class RouterRuntime(ReportedModel):
+    async def load_model(self) -> None:
         extra = self.settings.parameters.extra or {}
         specs = extra.get("variants") or []
         if not specs:
@@ -214,7 +207,5 @@ class RouterRuntime(MLModel):
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.cancel()
-        if getattr(self, "_loaded", False):
-            metrics.model_unloaded(self.name)
-        return True
+        return await super().unload()
 
