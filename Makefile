@@ -36,7 +36,7 @@ test: install system-packages
 	$(BIN)/python -m pytest -q tests --ignore=tests/in_process
 	$(BIN)/python -m pytest -q tests/in_process
 
-# The benchmark (README, "Performance"): about 12 minutes; results in bench/results/.
+# The benchmark (README, "Performance"): about 17 minutes; results in bench/results/.
 bench: install system-packages
 	$(BIN)/mlops bench
 

@@ -122,10 +122,10 @@ def wait_ready(proc: Proc, path: str, timeout: float = 600) -> float:
     raise BenchError(f"{proc.name} not ready after {timeout:.0f}s; see {proc.log}")
 
 
-def start_mlserver(name: str, settings_dir: Path, registry: Registry, workdir: Path) -> tuple[Proc, Ports]:
+def start_mlserver(name: str, settings_dir: Path, registry: Registry, workdir: Path, env: dict | None = None) -> tuple[Proc, Ports]:
     ports = Ports(free_port(), free_port(), free_port())
     metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=workdir)
-    proc = start(name, mlserver_command(settings_dir), server_env(registry, ports, metrics_dir), ports.http, workdir)
+    proc = start(name, mlserver_command(settings_dir), {**server_env(registry, ports, metrics_dir), **(env or {})}, ports.http, workdir)
     return proc, ports
 
 
@@ -373,11 +373,12 @@ def check_answers(systems: list[System]) -> None:
 
 # ---------------------------------------------------------------- server settings
 
-SWEEP = {  # name: changes to the generated settings.json
-    "chosen (model-settings/settings.json)": {},
-    "parallel_workers: 1": {"parallel_workers": 1},
-    "gzip_enabled: true": {"gzip_enabled": True},
-    "MLServer defaults": None,  # no settings.json: debug (access log) on, 1 worker, gzip on
+SWEEP = {  # name: (changes to the generated settings.json, environment)
+    "chosen (model-settings/settings.json)": ({}, {}),
+    "REST fast path off (MLOPS_REST_FAST_PATH=0)": ({}, {"MLOPS_REST_FAST_PATH": "0"}),
+    "parallel_workers: 1": ({"parallel_workers": 1}, {}),
+    "gzip_enabled: true": ({"gzip_enabled": True}, {}),  # the fast path steps aside for GZip
+    "MLServer defaults": (None, {}),  # no settings.json: debug (access log) on, 1 worker, gzip on
 }
 
 
@@ -386,11 +387,11 @@ def run_sweep(workdir: Path, project: Path, registry: Registry, body: Path, roun
     chosen = json.loads((project / "model-settings" / "settings.json").read_text())
     systems = []
     try:
-        for i, (name, change) in enumerate(SWEEP.items()):
+        for i, (name, (change, env)) in enumerate(SWEEP.items()):
             folder = workdir / f"sweep-{i}"
             shutil.copytree(project / "model-settings", folder)
             (folder / "settings.json").write_text(json.dumps({} if change is None else {**chosen, **change}))
-            proc, _ = start_mlserver(f"sweep-{i}", folder, registry, workdir)
+            proc, _ = start_mlserver(f"sweep-{i}", folder, registry, workdir, env)
             systems.append(System(f"sweep-{i}", name, proc, f"http://127.0.0.1:{proc.port}/v2/models/iris/infer", body))
         for s in systems:
             wait_ready(s.proc, "/v2/health/ready")

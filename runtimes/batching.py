@@ -1,11 +1,13 @@
 """Coalesce concurrent predictions of one estimator into one call.
 
 A one-row scikit-learn predict costs ~200 µs, nearly all of it input
-validation that a 64-row predict pays once. Requests that reach a model in the
-same event-loop turn are stacked and predicted together; a lone request is
-predicted at once on the next turn, so batching adds no waiting time. When a
-stacked call fails, each request is predicted alone, so a failure stays with
-the request that caused it.
+validation that a 64-row predict pays once. Requests that reach a model within
+two event-loop turns are stacked and predicted together: requests that clients
+send together reach the server over more than one poll of the network, and the
+second turn polls it once more. A lone request waits only for two turns of an
+otherwise idle loop, microseconds, never for company. When a stacked call
+fails, each request is predicted alone, so a failure stays with the request
+that caused it.
 
 MLServer's adaptive batching (`max_batch_size`) merges whole requests before a
 model sees them, which would send one router's batch to a single variant; this
@@ -39,7 +41,7 @@ class Coalescer:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            loop.call_soon(loop.call_soon, self._flush)
         return await future
 
     def _flush(self) -> None:

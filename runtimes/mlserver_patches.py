@@ -14,6 +14,7 @@ real server, so an MLServer upgrade that breaks one fails there.
   got a bare 500 from an empty round robin; they now get 503 / UNAVAILABLE saying so.
 - Status codes MLServer has no gRPC mapping for: 413 (request too large) is RESOURCE_EXHAUSTED,
   503 is UNAVAILABLE, instead of UNKNOWN.
+- REST inference takes a shorter road to the same data plane: `runtimes/rest.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from mlserver.grpc import converters
 from mlserver.grpc.utils import STATUS_CODE_MAPPING
 from mlserver.parallel.dispatcher import Dispatcher
 from mlserver.parallel.model import ParallelModel
+
+from . import rest
 
 READINESS_PROBE = "is_ready"  # the runtime method a worker answers with its model's readiness
 
@@ -77,3 +80,4 @@ def apply() -> None:
         Dispatcher._get_worker = _wrap_get_worker(Dispatcher._get_worker)
     STATUS_CODE_MAPPING.setdefault(413, grpc.StatusCode.RESOURCE_EXHAUSTED)
     STATUS_CODE_MAPPING.setdefault(503, grpc.StatusCode.UNAVAILABLE)
+    rest.apply()

@@ -53,6 +53,23 @@ def test_concurrent_requests_share_one_call_and_get_their_own_rows(iris):
         np.testing.assert_array_equal(labels, model.predict(chunk))
 
 
+def test_requests_arriving_a_loop_turn_apart_share_one_call(iris):
+    """As over HTTP: requests sent together reach the server over more than one poll of the network."""
+    X, model = iris
+    est = Counting(model)
+
+    async def main():
+        c = Coalescer(est)
+        first = asyncio.ensure_future(c.predict(("predict",), X[:1]))
+        await asyncio.sleep(0)  # one loop turn: the first request reaches the model
+        later = [asyncio.ensure_future(c.predict(("predict",), X[i : i + 1])) for i in range(1, 8)]
+        return await asyncio.gather(first, *later)
+
+    answers = asyncio.run(main())
+    assert est.calls == [8]
+    assert [a[0][0] for a in answers] == list(model.predict(X[:8]))
+
+
 def test_requests_for_different_outputs_are_stacked_separately(iris):
     X, model = iris
     est = Counting(model)

@@ -1,0 +1,172 @@
+"""REST inference on the fast path answers as MLServer's full stack does, request for request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from mlserver.errors import InferenceError
+from mlserver.handlers import DataPlane, ModelRepositoryHandlers
+from mlserver.model import MLModel
+from mlserver.registry import MultiModelRegistry
+from mlserver.repository import SchemalessModelRepository
+from mlserver.rest.app import create_app
+from mlserver.settings import ModelParameters, ModelSettings, Settings
+from mlserver.types import InferenceResponse, Parameters, ResponseOutput
+from prometheus_client import REGISTRY
+
+from conftest import in_registry
+from runtimes import rest
+from runtimes.registry_sklearn import RegistrySKLearnRuntime
+
+IRIS_ROW = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
+JSON = [(b"content-type", b"application/json")]
+SERVER_SETTINGS = Path(__file__).parents[2] / "model-settings" / "settings.json"  # as served
+
+
+class Echo(MLModel):
+    """Shows what reached the model: a request header comes back as a response header."""
+
+    async def predict(self, payload):
+        headers = payload.parameters.headers or {}
+        if "x-fail" in headers:
+            raise InferenceError(f"asked to fail: {headers['x-fail']}")
+        if "x-crash" in headers:
+            raise RuntimeError("a bug")
+        return InferenceResponse(
+            model_name=self.name,
+            outputs=[ResponseOutput(name="echo", shape=[1], datatype="BYTES", data=[headers.get("x-test", "")])],
+            parameters=Parameters(headers={"x-echo": headers.get("x-test", "")}),
+        )
+
+
+def call(app, path, body: bytes, headers=JSON, method="POST"):
+    """One ASGI request, the way uvicorn makes it: (status, headers without date/ids, JSON or text body)."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"test"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }
+    sent, chunks = [], [{"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+                        {"type": "http.request", "body": body[len(body) // 2 :], "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0) if chunks else await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        try:
+            await app(scope, receive, send)
+        except RuntimeError as exc:  # uvicorn answers 500 for an exception that escapes the app
+            return 500, {}, str(exc)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        raw = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        hdrs = {k.decode(): v.decode() for k, v in start["headers"] if k not in (b"ce-id", b"ce-requestid")}
+        try:
+            content = json.loads(raw)
+            content.pop("id", None)
+        except ValueError:
+            content = raw.decode()
+        return start["status"], hdrs, content
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def apps(trained):
+    """Two MLServer REST apps over one data plane: the fast path on, and off."""
+    uri = in_registry(trained, "print(client.get_model_version_download_uri('iris', '1'))")
+    settings = Settings(**json.loads(SERVER_SETTINGS.read_text()))
+    registry = MultiModelRegistry()
+
+    async def load():
+        await registry.load(ModelSettings(name="echo", implementation=Echo))
+        await registry.load(ModelSettings(
+            name="iris", implementation=RegistrySKLearnRuntime, parameters=ModelParameters(uri=uri, version="1")
+        ))
+
+    asyncio.run(load())
+    rest.apply()
+    data_plane = DataPlane(settings=settings, model_registry=registry)
+    handlers = ModelRepositoryHandlers(repository=SchemalessModelRepository(""), model_registry=registry)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(rest.SWITCH, "0")
+        full = create_app(settings, data_plane, handlers)
+        call(full, "/v2/health/live", b"", method="GET")  # the switch is read on an app's first request
+    fast = create_app(settings, data_plane, handlers)
+    return full, fast
+
+
+CASES = {
+    "prediction": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).encode(), JSON),
+    "versioned path": ("/v2/models/iris/versions/1/infer", json.dumps(IRIS_ROW).encode(), JSON),
+    "probabilities, own id": ("/v2/models/iris/infer", json.dumps({**IRIS_ROW, "id": "abc", "outputs": [{"name": "predict_proba"}]}).encode(), JSON),
+    "headers both ways": ("/v2/models/echo/infer", json.dumps(IRIS_ROW).encode(), [*JSON, (b"x-test", b"first"), (b"x-test", b"second")]),
+    "no content type": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).encode(), []),
+    "+json content type": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).encode(), [(b"content-type", b"application/vnd.v2+json; charset=utf-8")]),
+    "unknown model": ("/v2/models/nope/infer", json.dumps(IRIS_ROW).encode(), JSON),
+    "unknown version": ("/v2/models/iris/versions/9/infer", json.dumps(IRIS_ROW).encode(), JSON),
+    "bad tensor": ("/v2/models/iris/infer", json.dumps({"inputs": [{**IRIS_ROW["inputs"][0], "data": [1, 2, 3]}]}).encode(), JSON),
+    "model refuses": ("/v2/models/echo/infer", json.dumps(IRIS_ROW).encode(), [*JSON, (b"x-fail", b"why")]),
+    "malformed JSON": ("/v2/models/iris/infer", b'{"inputs": [', JSON),
+    "NaN, not JSON": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).replace("5.1", "NaN").encode(), JSON),
+    "1e999": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).replace("5.1", "1e999").encode(), JSON),
+    "not a request": ("/v2/models/iris/infer", b'{"inputs": 3}', JSON),
+    "empty body": ("/v2/models/iris/infer", b"", JSON),
+    "text+json content type": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).encode(), [(b"content-type", b"text/x+json")]),
+    "form content type": ("/v2/models/iris/infer", json.dumps(IRIS_ROW).encode(), [(b"content-type", b"application/x-www-form-urlencoded")]),
+}
+
+
+def rest_requests() -> dict[tuple, float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for metric in REGISTRY.collect() if metric.name == "rest_server_requests"
+        for s in metric.samples if s.name == "rest_server_requests_total"
+    }
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_path_answers_and_counts_as_mlserver_does(apps, case, monkeypatch):
+    full, fast = apps
+    taken = []
+    monkeypatch.setattr(rest.FastInfer, "_observe", lambda self, *a, _o=rest.FastInfer._observe: (taken.append(a), _o(self, *a)))
+    path, body, headers = CASES[case]
+
+    before = rest_requests()
+    expected = call(full, path, body, headers)
+    counted_full = delta(before, rest_requests())
+    before = rest_requests()
+    got = call(fast, path, body, headers)
+    counted_fast = delta(before, rest_requests())
+
+    assert got == expected
+    assert counted_fast == counted_full and sum(counted_fast.values()) == 1
+    fast_path_answers = case not in ("malformed JSON", "NaN, not JSON", "1e999", "not a request", "empty body", "text+json content type", "form content type")
+    assert bool(taken) == fast_path_answers, "the fast path must answer what it can parse and hand the rest to MLServer"
+
+
+def test_a_bug_in_a_model_is_a_500_counted_as_one(apps):
+    full, fast = apps
+    for app in (full, fast):
+        before = rest_requests()
+        status, _, _ = call(app, "/v2/models/echo/infer", json.dumps(IRIS_ROW).encode(), [*JSON, (b"x-crash", b"1")])
+        assert status == 500
+        assert [(dict(k)["status_code"], v) for k, v in delta(before, rest_requests()).items()] == [("500", 1)]
+
+
+def test_middleware_the_fast_path_does_not_reproduce_keeps_the_full_stack(apps):
+    """MLServer's defaults turn GZip on: then every request takes MLServer's own road."""
+    _, fast = apps
+    gzipped = create_app(Settings(gzip_enabled=True), fast.__dict__[rest._ATTR]._data_plane, None)
+    status, _, content = call(gzipped, "/v2/models/iris/infer", json.dumps(IRIS_ROW).encode())
+    assert status == 200 and content["outputs"][0]["data"] == [0]
+    assert gzipped.__dict__[rest._ATTR] is False
