@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtimes.metrics import proc_stat
+
 from .registry import Registry, default_registry
 from .serve import Ports, mlserver_command, server_env, stop_process, wait_for
 
@@ -81,25 +83,13 @@ class Proc:
         return pids
 
     def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-            except (OSError, IndexError):
-                pass
-        return total / os.sysconf("SC_CLK_TCK")
+        return sum(stat[0] for stat in self._stats())
 
     def rss_mb(self) -> float:
-        total = 0
-        for pid in self.pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
-        return total / 1024
+        return sum(stat[1] for stat in self._stats()) / 2**20
+
+    def _stats(self) -> list[tuple[float, float]]:
+        return [stat for stat in map(proc_stat, self.pids()) if stat is not None]
 
     def stop(self) -> None:
         stop_process(self.popen)

@@ -282,7 +282,7 @@ def bench(
     """Load-test the served system against stock MLflowRuntime and a FastAPI monolith (needs wrk and h2load).
 
     Trains iris into a registry of its own in a temporary folder, so it never
-    touches the project's registry. Takes about 20 minutes with the defaults.
+    touches the project's registry. Takes about 17 minutes with the defaults.
     """
     from rich.table import Table
 

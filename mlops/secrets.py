@@ -162,10 +162,10 @@ def repository_files(root: Path) -> list[str]:
     )
 
 
-def scan_repository(root: Path) -> list[str]:
-    """`<file>:<line>: <problem>` for every plaintext secret in the repository's files."""
+def scan_repository(root: Path, files: list[str] | None = None) -> list[str]:
+    """`<file>:<line>: <problem>` for every plaintext secret in the repository's files (`files`, if listed already)."""
     errors = []
-    for rel in repository_files(root):
+    for rel in repository_files(root) if files is None else files:
         path = root / rel
         if path.stat().st_size > SKIP_LARGER_THAN:
             continue
@@ -177,18 +177,19 @@ def scan_repository(root: Path) -> list[str]:
     return errors
 
 
-def _walk(node, path=()):
+def walk(node, path=()):
+    """(path, node) for a parsed YAML/JSON tree and everything in it, depth first."""
     yield path, node
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
-        yield from _walk(value, (*path, key))
+        yield from walk(value, (*path, key))
 
 
 def check_object(data: dict):
     """(field path, problem) for a rendered object; a validate.py rule."""
     if data.get("kind") == "Secret" and (data.get("apiVersion") == "v1"):
         return  # plaintext data is the Secret rule's finding; SOPS-encrypted data is fine
-    for path, node in _walk(data):
+    for path, node in walk(data):
         if isinstance(node, str):
             for _, problem in text_findings(node):
                 yield path, problem

@@ -136,15 +136,8 @@ def _schema_errors(data: dict, crds: dict, crds_dir: Path):
 # --- project rules -------------------------------------------------------------------------------
 
 
-def _walk(node, path=()):
-    yield path, node
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        yield from _walk(value, (*path, key))
-
-
 def _containers(data: dict):
-    for path, node in _walk(data):
+    for path, node in secrets.walk(data):
         if len(path) >= 2 and path[-2] in ("containers", "initContainers", "ephemeralContainers") and isinstance(node, dict):
             yield path, node
 
@@ -310,7 +303,7 @@ def main(root: Path, crds_dir: Path | None = None) -> int:
     console = Console(soft_wrap=True, highlight=False)
     errors, objects = _run(root, crds_dir)
     files = secrets.repository_files(root.resolve())
-    errors += secrets.scan_repository(root.resolve())
+    errors += secrets.scan_repository(root.resolve(), files)
     for line in errors:
         console.print(f"✗ {line}", style="red", markup=False)
     paths = len({o.source for o in objects})

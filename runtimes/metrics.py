@@ -127,7 +127,7 @@ PROCESS_SAMPLE_S = 5.0
 _sampler: asyncio.Task | None = None
 
 
-def _proc_stat(pid: int) -> tuple[float, float] | None:
+def proc_stat(pid: int) -> tuple[float, float] | None:
     """(cpu seconds, resident bytes) from /proc; None where there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -146,7 +146,7 @@ def sample_processes() -> None:
     else:
         procs = [("worker", os.getpid()), ("main", os.getppid())]
     for role, pid in procs:
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat is not None:
             m.cpu.labels(role, str(pid)).set(stat[0])
             m.memory.labels(role, str(pid)).set(stat[1])

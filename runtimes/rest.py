@@ -21,6 +21,7 @@ MLOPS_REST_FAST_PATH=0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -45,13 +46,15 @@ _ATTR = "_mlops_fast_infer"  # per app: the FastInfer, or False where MLServer's
 
 
 class FastInfer:
-    def __init__(self, data_plane, exporter: PrometheusMiddleware | None):
+    def __init__(self, data_plane, exporter: PrometheusMiddleware | None, mlserver_app):
         self._data_plane = data_plane
         self._exporter = exporter
+        self._mlserver_app = mlserver_app  # what answers the requests this path hands back
+        self._in_progress = exporter.requests_in_progress.labels("POST", exporter.app_name) if exporter else None
         self._children: dict[tuple[str, int], tuple] = {}  # (route, status) -> labelled counter, histogram
 
     @classmethod
-    def of(cls, app: FastAPI) -> FastInfer | None:
+    def of(cls, app: FastAPI, mlserver_app) -> FastInfer | None:
         """The fast path for MLServer's REST app; None for another app or one whose stack it cannot reproduce."""
         endpoint = next((r.endpoint for r in app.router.routes if getattr(getattr(r, "endpoint", None), "__func__", None) is Endpoints.infer), None)
         if endpoint is None:
@@ -66,9 +69,9 @@ class FastInfer:
                 return None
             exporter = PrometheusMiddleware(app, **middleware.kwargs)
         logger.info("REST inference fast path on for POST /v2/models/*/infer")
-        return cls(endpoint.__self__._data_plane, exporter)
+        return cls(endpoint.__self__._data_plane, exporter, mlserver_app)
 
-    async def __call__(self, scope, receive, send, match: re.Match, mlserver_app) -> None:
+    async def __call__(self, scope, receive, send, match: re.Match, headers: dict[str, str]) -> None:
         chunks = []
         while True:
             message = await receive()
@@ -81,18 +84,14 @@ class FastInfer:
         try:  # as MLServer reads it: orjson (no NaN, no 1e999), then the model from Python objects
             payload = InferenceRequest.model_validate(orjson.loads(body))
         except (orjson.JSONDecodeError, ValidationError):
-            return await mlserver_app(scope, _replay(body, receive), send)
+            return await self._mlserver_app(scope, _replay(body, receive), send)
 
         name, version = match.groups()
         start = time.perf_counter()
         status = 500
-        in_progress = self._exporter.requests_in_progress.labels("POST", self._exporter.app_name) if self._exporter else None
-        if in_progress:
-            in_progress.inc()
+        if self._in_progress:
+            self._in_progress.inc()
         try:
-            headers: dict[str, str] = {}
-            for k, v in scope["headers"]:  # as dict(starlette Headers): the first of repeated names
-                headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
             insert_headers(payload, headers)
             extra = None
             try:
@@ -109,8 +108,8 @@ class FastInfer:
             await send({"type": "http.response.start", "status": status, "headers": raw})
             await send({"type": "http.response.body", "body": content})
         finally:
-            if in_progress:
-                in_progress.dec()
+            if self._in_progress:
+                self._in_progress.dec()
                 self._observe(ROUTES[version is not None], status, time.perf_counter() - start)
 
     def _observe(self, route: str, status: int, seconds: float) -> None:
@@ -135,20 +134,20 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-def _takes(scope) -> re.Match | None:
+def _takes(scope) -> tuple[re.Match, dict[str, str]] | None:
+    """The route match and the request headers (as MLServer passes them on) of a request this path answers."""
     if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
         return None
     match = INFER.fullmatch(scope["path"])
     if match is None:
         return None
-    for key, value in scope["headers"]:
-        if key == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            if media != b"application/json" and not (media.startswith(b"application/") and media.endswith(b"+json")):
-                return None
-        elif key == b"content-encoding":
-            return None
-    return match
+    headers: dict[str, str] = {}
+    for k, v in scope["headers"]:  # as dict(starlette Headers): the first of repeated names
+        headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+    media = headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
+    if "content-encoding" in headers or not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        return None
+    return match, headers
 
 
 def apply() -> None:
@@ -160,9 +159,9 @@ def apply() -> None:
     async def call(self, scope, receive, send):
         fast = self.__dict__.get(_ATTR)
         if fast is None:
-            fast = self.__dict__[_ATTR] = FastInfer.of(self) or False
-        if fast and (match := _takes(scope)):
-            return await fast(scope, receive, send, match, lambda s, r, se: original(self, s, r, se))
+            fast = self.__dict__[_ATTR] = FastInfer.of(self, functools.partial(original, self)) or False
+        if fast and (taken := _takes(scope)):
+            return await fast(scope, receive, send, *taken)
         return await original(self, scope, receive, send)
 
     call.mlops_patched = True

@@ -135,7 +135,7 @@ class RouterRuntime(ReportedModel):
         try:
             await model.load_model()
         except Exception as exc:
-            metrics.router_metrics().available.labels(self.name, spec["name"]).set(0)
+            self._metrics.available.labels(self.name, spec["name"]).set(0)
             role = "shadow" if spec.get("shadow") else "live"
             if role == "live" and not fallback:
                 raise ModelLoadError(
@@ -144,7 +144,7 @@ class RouterRuntime(ReportedModel):
                 ) from None
             then = "shadowing disabled for it" if role == "shadow" else "its weight goes to the other live variants (fallback)"
             logger.error("router %s: %s variant %s (%s) not loaded, %s: %s", self.name, role, spec["name"], spec["uri"], then, exc)
-            metrics.router_metrics().requests.labels(self.name, spec["name"], role, "load_error").inc()
+            self._metrics.requests.labels(self.name, spec["name"], role, "load_error").inc()
             return None
         return model
 
