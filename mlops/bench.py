@@ -30,12 +30,23 @@ from .registry import Registry, default_registry
 from .serve import Ports, mlserver_command, server_env, stop_process, wait_for
 
 PAYLOAD = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
+# The column-based model a team's own job logs (training/clinic_job.py): one input per DataFrame column.
+COLUMNS_MODEL = "cancer"
+COLUMNS_PAYLOAD = {"inputs": [
+    {"name": "radius", "shape": [1], "datatype": "FP64", "data": [14.1]},
+    {"name": "texture", "shape": [1], "datatype": "FP64", "data": [19.3]},
+    {"name": "perimeter", "shape": [1], "datatype": "FP64", "data": [91.9]},
+    {"name": "clinic", "shape": [1], "datatype": "BYTES", "data": ["north"]},
+]}  # fmt: skip
 BENCH_SPEC = """\
 models:
   iris:
     variants:
       champion:   {alias: champion, weight: 80}
       challenger: {alias: challenger, weight: 20}
+  cancer:
+    variants:
+      champion:   {alias: champion, weight: 100}
 """
 
 
@@ -150,7 +161,7 @@ def _wrk_ms(text: str, pct: str) -> float:
 
 
 def wrk(url: str, body_file: Path, connections: int, seconds: float, workdir: Path) -> tuple[float, float, float, int, int]:
-    script = workdir / "post.lua"
+    script = workdir / f"post-{body_file.stem}.lua"  # one per payload
     if not script.exists():
         script.write_text(
             'wrk.method = "POST"\n'
@@ -219,10 +230,10 @@ def grpc_predict(port: int, model: str) -> list:
     return list(out.contents.int64_contents) or list(response.raw_output_contents[0])
 
 
-def rest_predict(port: int, model: str) -> list:
+def rest_predict(port: int, model: str, body: Path | None = None) -> list:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v2/models/{model}/infer",
-        data=json.dumps(PAYLOAD).encode(), headers={"Content-Type": "application/json"}, method="POST",
+        data=body.read_bytes() if body else json.dumps(PAYLOAD).encode(), headers={"Content-Type": "application/json"}, method="POST",
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())["outputs"][0]["data"]
@@ -286,10 +297,12 @@ def stock_settings(folder: Path, version: str, server_settings: dict) -> Path:
     With MLServer's default server settings (d), and with this project's (d'), which tells
     the runtime's share apart from the server settings' share.
     """
-    (folder / "iris").mkdir(parents=True)
+    folder.mkdir(parents=True)
     (folder / "settings.json").write_text(json.dumps(server_settings))
-    model = {"name": "iris", "implementation": "mlserver_mlflow.MLflowRuntime", "parameters": {"uri": f"models:/iris/{version}"}}
-    (folder / "iris" / "model-settings.json").write_text(json.dumps(model))
+    for name, uri in (("iris", f"models:/iris/{version}"), (COLUMNS_MODEL, f"models:/{COLUMNS_MODEL}@champion")):
+        (folder / name).mkdir()
+        model = {"name": name, "implementation": "mlserver_mlflow.MLflowRuntime", "parameters": {"uri": uri}}
+        (folder / name / "model-settings.json").write_text(json.dumps(model))
     return folder
 
 
@@ -309,17 +322,23 @@ def prepare(workdir: Path, echo) -> tuple[Path, Registry, str, Path]:
     project = workdir / "project"
     project.mkdir()
     (project / "deployments.yaml").write_text(BENCH_SPEC)
-    echo("training iris into the bench's own registry")
+    echo("training iris, and the example team job's column-based model, into the bench's own registry")
     mlops(project, "train", "-m", "iris")
-    mlops(project, "sync")
     registry = default_registry(project)
+    job = subprocess.run(
+        [sys.executable, "-m", "training.clinic_job", "--model-name", COLUMNS_MODEL], cwd=project, capture_output=True, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    if job.returncode:
+        raise BenchError(f"training.clinic_job failed:\n{job.stderr[-3000:]}")
+    mlops(project, "sync")
     client = registry.client()
     version = client.get_model_version_by_alias("iris", "champion").version
     model_dir = Path(urllib.request.url2pathname(client.get_model_version_download_uri("iris", version).removeprefix("file://")))
     return project, registry, version, model_dir
 
 
-def start_systems(workdir: Path, project: Path, registry: Registry, version: str, model_dir: Path, body: Path, grpc_file: Path) -> list[System]:
+def start_systems(workdir: Path, project: Path, registry: Registry, version: str, model_dir: Path, body: Path, grpc_file: Path, columns_body: Path) -> list[System]:
     ours, ours_ports = start_mlserver("mlserver", project / "model-settings", registry, workdir)
     stock, tuned = (
         start_mlserver(name, stock_settings(workdir / name, version, server_settings), registry, workdir)[0]
@@ -346,19 +365,23 @@ def start_systems(workdir: Path, project: Path, registry: Registry, version: str
         System("stock-mlflow", "d) stock MLflowRuntime, REST", stock, http(stock, "iris"), body),
         System("stock-mlflow-tuned", "d') stock MLflowRuntime, our server settings", tuned, http(tuned, "iris"), body),
         System("monolith", "e) FastAPI monolith, REST", mono, http(mono, "iris"), body),
+        System("columns-direct", f"f) {COLUMNS_MODEL}-champion (DataFrame model), REST", ours, http(ours, f"{COLUMNS_MODEL}-champion"), columns_body),
+        System("columns-stock", f"g) {COLUMNS_MODEL}, stock MLflowRuntime, REST", stock, http(stock, COLUMNS_MODEL), columns_body),
     ]
 
 
 def check_answers(systems: list[System]) -> None:
     """Every system gives the same prediction before any is timed."""
-    answers = {}
+    by_body: dict[str, dict] = {}
     for s in systems:
+        answers = by_body.setdefault(s.body.name, {})
         if s.grpc:
             answers[s.key] = grpc_predict(int(s.url.split(":")[2].split("/")[0]), "iris")
         else:
-            answers[s.key] = [int(x) for x in rest_predict(s.proc.port, s.url.rsplit("/", 2)[-2])]
-    if len({json.dumps(a) for a in answers.values()}) != 1:
-        raise BenchError(f"systems disagree on the benchmark payload: {answers}")
+            answers[s.key] = [int(x) for x in rest_predict(s.proc.port, s.url.rsplit("/", 2)[-2], s.body)]
+    for answers in by_body.values():
+        if len({json.dumps(a) for a in answers.values()}) != 1:
+            raise BenchError(f"systems disagree on the benchmark payload: {answers}")
 
 
 # ---------------------------------------------------------------- server settings
@@ -478,6 +501,7 @@ def verdicts(load: dict, scale: dict | None) -> dict:
         v["routed REST p99 at 8 connections"] = (load["routed-rest"]["8"]["p99_ms"], "<= 10 ms")
         v["registry-native vs stock MLflowRuntime (REST, 8 connections)"] = (rps("direct-rest", 8) / rps("stock-mlflow", 8), ">= 3.0x")
         v["registry-native vs stock MLflowRuntime, same server settings"] = (rps("direct-rest", 8) / rps("stock-mlflow-tuned", 8), ">= 3.0x")
+        v["DataFrame model: registry-native vs stock MLflowRuntime (REST, 8 connections)"] = (rps("columns-direct", 8) / rps("columns-stock", 8), ">= 3.0x")
     if scale:
         v["resident memory per additional model"] = (scale["mb_per_additional_model"], "<= 5 MB")
         v["mlops sync of 100 models"] = (scale["sync_seconds"]["100"], "< 10 s")
@@ -529,7 +553,7 @@ def table(results: dict) -> list[str]:
     for key, label in results["systems"].items():
         cells = []
         for c in conns:
-            r, base = load[key][str(c)], load["monolith"][str(c)]["rps"]
+            r, base = load[key][str(c)], load["monolith"][str(c)]["rps"]  # the DataFrame rows too: one request each
             cells.append(f"{r['rps']:.0f} ({r['rps'] / base:.2f}x), {r['p50_ms']:.1f} / {r['p99_ms']:.1f}")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if results.get("server_settings_sweep"):
@@ -552,7 +576,9 @@ def run(out_dir: Path, rounds: int, seconds: float, connections: list[int], scal
         body.write_text(json.dumps(PAYLOAD))
         grpc_file = workdir / "payload.grpc"
         grpc_file.write_bytes(grpc_body("iris"))
-        systems = start_systems(workdir, project, registry, version, model_dir, body, grpc_file)
+        columns_body = workdir / "columns.json"
+        columns_body.write_text(json.dumps(COLUMNS_PAYLOAD))
+        systems = start_systems(workdir, project, registry, version, model_dir, body, grpc_file, columns_body)
         try:
             check_answers(systems)
             load = measure(systems, connections, rounds, seconds, workdir, echo)
@@ -563,7 +589,7 @@ def run(out_dir: Path, rounds: int, seconds: float, connections: list[int], scal
         scale_result = run_scale(workdir, registry, model_dir, seconds, rounds, body, echo) if scale else None
     results = {
         "machine": machine(),
-        "settings": {"rounds": rounds, "seconds_per_run": seconds, "connections": connections, "payload": PAYLOAD,
+        "settings": {"rounds": rounds, "seconds_per_run": seconds, "connections": connections, "payload": PAYLOAD, "columns_payload": COLUMNS_PAYLOAD,
                      "spec": BENCH_SPEC, "load_generators": "wrk -t1 (REST), h2load -t1 -m1 (gRPC)"},
         "systems": {s.key: s.label for s in systems},
         "load": load,

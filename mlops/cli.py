@@ -255,6 +255,29 @@ def validate(
 
 
 @app.command()
+def cluster(env: Annotated[str, typer.Argument(help="The environment: a folder under clusters/.")] = "dev") -> None:
+    """Show what Seldon Core's operator and Istio make of an environment's manifests.
+
+    For each SeldonDeployment: how clients reach it through the ingress (REST path, gRPC headers),
+    the traffic weights and mirror, and each predictor's MLServer container as the pods run it
+    (the env and ports the operator adds, where metrics are served, the user). `mlops validate`
+    checks the same model; mlops/cluster.py cites the upstream source it follows.
+    """
+    import yaml
+
+    from . import cluster as model
+    from . import validate as validation
+
+    try:
+        envs = validation.rendered_environments(project_root())
+    except RuntimeError as exc:
+        fail(str(exc))
+    if env not in envs:
+        fail(f"no environment '{env}': clusters/ has {', '.join(sorted(envs)) or 'none'}")
+    typer.echo(yaml.safe_dump(model.describe(envs[env], project_root().resolve()), sort_keys=False, width=120), nl=False)
+
+
+@app.command()
 def dashboards(
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if generated files are stale.")] = False,
 ) -> None:

@@ -104,6 +104,15 @@ class ResolvedVariant:
         """
         return f"models:/{self.model}/{self.version}"
 
+    @property
+    def runtime_extra(self) -> dict:
+        """The runtime's `parameters.extra`, locally (model-settings) and in its pod (MLSERVER_MODEL_EXTRA).
+
+        `variant` is what the runtime reports as the answer's `parameters.variant`: in a cluster each
+        pod serves the public name, so this is how a client learns which variant answered.
+        """
+        return {"registered_model": self.model, "variant": self.name, "alias": self.alias, "shadow": self.shadow}
+
 
 def _describe(exc: Exception) -> str:
     text = str(exc).strip().splitlines()

@@ -12,6 +12,17 @@ environment variables name the model and its pinned `models:/<model>/<version>` 
 runtime downloads that version from the MLflow registry inside the cluster. The graph node has
 no `modelUri` or `implementation`, so Seldon adds no storage initializer and no prepackaged server.
 
+A/B under Seldon Core 1.18.2 (`mlops/cluster.py` derives all of this and cites the source):
+every predictor of a model serves the same name, the public one (`iris`), as its graph node, its
+container and its MLServer model. The executor calls `/v2/models/<the name in the client's path>`
+on the predictor Istio picked, so with per-variant names a client's name would be missing from all
+but one predictor. The variant is told apart by MLSERVER_MODEL_EXTRA (`variant`, reported in
+each answer's `parameters.variant`) and the pinned version (`model_version`).
+
+Metrics: the container's metrics port is named `model-metrics`; the operator chart's
+`predictiveUnit.metricsPortName` names it too (clusters/base/infrastructure/seldon-core.yaml), so
+the operator points MLSERVER_METRICS_PORT at it instead of adding a port 6000 of its own.
+
 Overlay patches are JSON patches, one flow-style line per operation, so moving traffic between
 variants changes exactly one `traffic` line per predictor in the affected overlay files, plus the
 one line per variant of the weights rule.
@@ -27,10 +38,12 @@ router's `mlops_router_variant_weight`.
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from .registry import ResolvedVariant
-from .spec import DeploymentSpec, Environment
+from .spec import DeploymentSpec, Environment, Trust
 
 OUTPUT_DIR = "seldon"
 SERVING_IMAGE = "ghcr.io/example/mlops-serving:0.1.0"  # built from ./Dockerfile; keep in step with the project version
@@ -43,8 +56,12 @@ WEIGHT_METRIC = "mlops_variant_weight"
 WEIGHTS_FILE = "variant-weights.yaml"
 
 # MLServer's defaults. Seldon takes the ports named http/grpc as the model's endpoints; the metrics
-# port gets its own name because the executor container already owns "metrics".
-PORTS = {"http": 8080, "grpc": 8081, "model-metrics": 8082}
+# port gets its own name because the executor container in the same pod already owns "metrics"
+# (a PodMonitor selecting "metrics" would scrape the executor too).
+METRICS_PORT_NAME = "model-metrics"
+PORTS = {"http": 8080, "grpc": 8081, METRICS_PORT_NAME: 8082}
+IMAGE_UID = 1000  # the Dockerfile's USER; set on the pod, or the operator runs it as the chart's defaultUserID (8888)
+EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a model's parameters.extra from it, as JSON
 
 
 def _dump(obj: dict) -> str:
@@ -55,15 +72,16 @@ def _kustomization(**fields) -> str:
     return _dump({"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **fields})
 
 
-def _container(v: ResolvedVariant, image: str) -> dict:
+def _container(v: ResolvedVariant, image: str, trust: Trust) -> dict:
     env = {
-        "MLSERVER_MODEL_NAME": v.served_name,  # Seldon also sets this to the container name; they agree
+        "MLSERVER_MODEL_NAME": v.model,  # the operator also sets it, to the container name; they agree
         "MLSERVER_MODEL_VERSION": v.version,
         "MLSERVER_MODEL_IMPLEMENTATION": RUNTIME,
         "MLSERVER_MODEL_URI": v.registry_uri,
+        EXTRA_ENV: json.dumps({**v.runtime_extra, **trust.runtime_extra()}, sort_keys=True),
     }
     return {
-        "name": v.served_name,  # must equal graph.name: that is how Seldon pairs node and container
+        "name": v.model,  # must equal graph.name: that is how Seldon pairs node and container
         "image": image,
         "env": [{"name": k, "value": val} for k, val in env.items()],
         "envFrom": [{"secretRef": {"name": CREDENTIALS_SECRET}}],
@@ -71,12 +89,12 @@ def _container(v: ResolvedVariant, image: str) -> dict:
         # Downloading the model from the registry can take a while: give startup five minutes.
         "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 5, "failureThreshold": 60},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10},
-        "readinessProbe": {"httpGet": {"path": f"/v2/models/{v.served_name}/ready", "port": "http"}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": f"/v2/models/{v.model}/ready", "port": "http"}, "periodSeconds": 5},
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }
 
 
-def _predictor(v: ResolvedVariant, image: str) -> dict:
+def _predictor(v: ResolvedVariant, image: str, trust: Trust) -> dict:
     labels = {
         f"{LABEL}model": v.model,
         f"{LABEL}model-version": v.version,
@@ -86,22 +104,26 @@ def _predictor(v: ResolvedVariant, image: str) -> dict:
     annotations = {f"{LABEL}registry-uri": v.registry_uri}
     if v.alias:
         annotations[f"{LABEL}alias"] = v.alias
+    pod = {
+        "containers": [_container(v, image, trust)],
+        "securityContext": {"runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "runAsNonRoot": True},
+    }
     predictor = {
         "name": v.name,
-        "graph": {"name": v.served_name, "type": "MODEL", "children": []},
-        "componentSpecs": [{"metadata": {"labels": labels, "annotations": annotations}, "spec": {"containers": [_container(v, image)]}}],
+        "graph": {"name": v.model, "type": "MODEL", "children": []},
+        "componentSpecs": [{"metadata": {"labels": labels, "annotations": annotations}, "spec": pod}],
     }
     if v.shadow:
         predictor["shadow"] = True
     return predictor
 
 
-def _deployment(model: str, variants: list[ResolvedVariant], image: str) -> dict:
+def _deployment(model: str, variants: list[ResolvedVariant], image: str, trust: Trust) -> dict:
     return {
         "apiVersion": "machinelearning.seldon.io/v1",
         "kind": "SeldonDeployment",
         "metadata": {"name": model, "labels": {"app.kubernetes.io/name": model, "app.kubernetes.io/managed-by": "mlops"}},
-        "spec": {"protocol": "v2", "predictors": [_predictor(v, image) for v in variants]},
+        "spec": {"protocol": "v2", "predictors": [_predictor(v, image, trust) for v in variants]},
     }
 
 
@@ -159,7 +181,7 @@ def render(spec: DeploymentSpec, resolved: dict[str, list[ResolvedVariant]], ima
     models = sorted(spec.models)
     files = {"base/kustomization.yaml": _kustomization(namespace=NAMESPACE, resources=[f"{m}.yaml" for m in models])}
     for m in models:
-        files[f"base/{m}.yaml"] = _dump(_deployment(m, resolved[m], image))
+        files[f"base/{m}.yaml"] = _dump(_deployment(m, resolved[m], image, spec.models[m].trust))
     for env_name, env in sorted(spec.environments.items()):
         target = {"group": "machinelearning.seldon.io", "kind": "SeldonDeployment"}
         patches = [{"path": f"{m}.yaml", "target": {**target, "name": m}} for m in models]

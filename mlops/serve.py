@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .registry import Registry
+from .sync import ROUTER
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,10 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url:
     ]
     if prometheus_url:
         lines.append(f"  Prometheus {prometheus_url}  (scrapes the metrics every 5 s; alerts at {prometheus_url}/alerts)")
-    samples = [(m["name"], b) for m in models if (b := sample_request(registry, m)) is not None]
+    samples = [(m["name"], b, m.get("implementation") != ROUTER) for m in models if (b := sample_request(registry, m)) is not None]
     if samples:
-        name, body = min(samples, key=lambda s: len(s[1]["inputs"][0]["data"]))  # the shortest to paste
+        # A public name, as clients call it here and in a cluster; the shortest request to paste.
+        name, body, _ = min(samples, key=lambda s: (s[2], len(s[1]["inputs"][0]["data"])))
         lines += [
             "Try:",
             f"  curl -s http://127.0.0.1:{ports.http}/v2/models/{name}/infer "

@@ -44,12 +44,43 @@ class EnvironmentOverride(_Strict):
     weights: dict[str, int] = Field(default_factory=dict)
 
 
+SKOPS_TYPE_RE = r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$"  # a dotted Python path, as skops names types
+
+
+class Trust(_Strict):
+    """What a model's artifacts may contain beyond what the runtime loads safely by default.
+
+    Loading a pickle or cloudpickle artifact (a custom pyfunc model, a flavor other than scikit-learn's
+    skops format) runs whatever code it holds; declare it here, in review, not on the serving side.
+    """
+
+    allow_pickle: bool = False
+    skops_trusted_types: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _types(self) -> "Trust":
+        for name in self.skops_trusted_types:
+            if not isinstance(name, str) or not re.match(SKOPS_TYPE_RE, name):
+                raise ValueError(f"skops_trusted_types: {name!r} is not a dotted type name such as sklearn.tree._tree.Tree")
+        return self
+
+    def runtime_extra(self) -> dict:
+        """The runtime's `parameters.extra` keys for what is declared; nothing when nothing is."""
+        extra: dict = {}
+        if self.allow_pickle:
+            extra["allow_pickle"] = True
+        if self.skops_trusted_types:
+            extra["skops_trusted_types"] = sorted(set(self.skops_trusted_types))
+        return extra
+
+
 class Model(_Strict):
     variants: dict[str, Variant] = Field(min_length=1)
     environments: dict[str, EnvironmentOverride] = Field(default_factory=dict)
     # A live variant that fails to load: False leaves the routed name not ready; True serves it from
     # the live variants that loaded, their weights scaled up in proportion.
     fallback: bool = False
+    trust: Trust = Field(default_factory=Trust)
 
     def weights(self, env: str | None = None) -> dict[str, int]:
         """Weights of the live (non-shadow) variants, with `env`'s overrides applied."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import seldon
 from .registry import Registry, ResolvedVariant, resolve
-from .spec import DeploymentSpec, load_spec
+from .spec import DeploymentSpec, Trust, load_spec
 
 MODEL_SETTINGS_DIR = "model-settings"
 SELDON_DIR = "seldon"
@@ -47,33 +47,30 @@ def to_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def variant_settings(variant: ResolvedVariant) -> dict:
+def variant_settings(variant: ResolvedVariant, trust: Trust | None = None) -> dict:
     return {
         "implementation": RUNTIME,
         "name": variant.served_name,
         "parameters": {
             "uri": variant.registry_uri,
             "version": variant.version,
-            "extra": {
-                "registered_model": variant.model,
-                "variant": variant.name,
-                "alias": variant.alias,
-                "shadow": variant.shadow,
-            },
+            "extra": {**variant.runtime_extra, **(trust or Trust()).runtime_extra()},
         },
     }
 
 
-def router_settings(model: str, variants: list[ResolvedVariant], fallback: bool = False) -> dict:
+def router_settings(model: str, variants: list[ResolvedVariant], fallback: bool = False, trust: Trust | None = None) -> dict:
     """The public name (`iris`): one JSON line per weight, so a weight change is a one-line diff.
 
-    `fallback` is written only when set, so specs without it give the same files as before it existed.
+    `fallback` is written only when set, so specs without it give the same files as before it existed;
+    `runtime` is what the router passes on to each variant's runtime (which model, what it may trust).
     """
     extra = {
+        "runtime": {"registered_model": model, **(trust or Trust()).runtime_extra()},
         "variants": [
             {"name": v.name, "shadow": v.shadow, "uri": v.registry_uri, "version": v.version, "weight": v.weight}
             for v in variants
-        ]
+        ],
     }
     if fallback:
         extra["fallback"] = True
@@ -86,9 +83,10 @@ def render_model_settings(resolved: dict[str, list[ResolvedVariant]], spec: Depl
         "settings.json": to_json(SERVER_SETTINGS),
     }
     for model, variants in resolved.items():
-        files[f"{model}/model-settings.json"] = to_json(router_settings(model, variants, spec.models[model].fallback))
+        trust = spec.models[model].trust
+        files[f"{model}/model-settings.json"] = to_json(router_settings(model, variants, spec.models[model].fallback, trust))
         for v in variants:
-            files[f"{v.served_name}/model-settings.json"] = to_json(variant_settings(v))
+            files[f"{v.served_name}/model-settings.json"] = to_json(variant_settings(v, trust))
     return files
 
 

@@ -8,6 +8,9 @@ Kustomizations point at (`spec.path`, relative to the project root), and checks 
   because the API server or Flux would reject or silently drop them;
 - project rules: live traffic sums to 100, models pinned to registry versions, no `latest`
   images, no plaintext Secrets, Grafana dashboards that Grafana can load;
+- cluster behaviour, per environment (mlops/cluster.py): what Seldon's operator and executor and
+  Istio make of it: every predictor serves the name clients call, no env the operator would drop,
+  the PodMonitor scrapes where MLServer serves metrics, a Gateway that the routes bind to;
 - secrets (mlops/secrets.py): no password, key or token in plaintext in any rendered object and,
   from `mlops validate`, in any file of the repository.
 
@@ -30,7 +33,9 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from . import secrets
+from . import cluster, secrets
+from .spec import load_spec
+from .sync import SPEC_FILE
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
 CRDS_ENV = "MLOPS_CRDS_DIR"
@@ -101,7 +106,11 @@ def _load_crds(crds_dir: str) -> dict[tuple[str, str, str], dict]:
             spec = crd["spec"]
             for v in spec["versions"]:
                 if v.get("served", True):
-                    schemas[(spec["group"], v["name"], spec["names"]["kind"])] = _jsonschema(v["schema"]["openAPIV3Schema"])
+                    schema = _jsonschema(v["schema"]["openAPIV3Schema"])
+                    # The API server accepts these at the root of every object, declared or not (Istio's CRDs leave them out).
+                    for implicit in ("apiVersion", "kind", "metadata"):
+                        schema.setdefault("properties", {}).setdefault(implicit, {"type": "object"} if implicit == "metadata" else {"type": "string"})
+                    schemas[(spec["group"], v["name"], spec["names"]["kind"])] = schema
     return schemas
 
 
@@ -274,6 +283,27 @@ def _render(root: Path, kubectl: str) -> tuple[list[Obj], list[str]]:
     return objects, errors
 
 
+def environments(root: Path, objects: list[Obj]) -> dict[str, list[Obj]]:
+    """{env: what Flux applies there}: clusters/<env>, then every path its Flux Kustomizations name."""
+    by_source: dict[str, list[Obj]] = {}
+    for obj in objects:
+        by_source.setdefault(obj.source, []).append(obj)
+    out = {}
+    for entry in sorted(s for s in by_source if re.fullmatch(r"clusters/[^/]+", s)):
+        seen, todo = set(), [entry]
+        while todo:
+            source = todo.pop()
+            if source in seen:
+                continue
+            seen.add(source)
+            for obj in by_source.get(source, []):
+                if (_group_version(str(obj.data.get("apiVersion")))[0], obj.data.get("kind")) == FLUX_KUSTOMIZATION:
+                    target, _ = _flux_target(root, obj)
+                    todo += [target.relative_to(root).as_posix()] if target else []
+        out[entry.removeprefix("clusters/")] = [o for s in sorted(seen) for o in by_source.get(s, [])]
+    return out
+
+
 def _run(root: Path, crds_dir: Path | None) -> tuple[list[str], list[Obj]]:
     root = root.resolve()
     kubectl = shutil.which("kubectl")
@@ -288,7 +318,22 @@ def _run(root: Path, crds_dir: Path | None) -> tuple[list[str], list[Obj]]:
         # The project rules trust the object's shape, so they only see objects the schema accepts.
         problems = list(_schema_errors(obj.data, crds, crds_dir)) or [p for rule in RULES for p in rule(obj.data)]
         errors += [f"{obj.where}: {field}: {msg}" for field, msg in problems]
+    if not errors:  # the cluster model trusts shapes the schemas accepted
+        for env, objs in environments(root, objects).items():
+            errors += [f"clusters/{env} ({where}): {p}" for where, p in cluster.problems([o.data for o in objs], root)]
     return errors, objects
+
+
+def rendered_environments(root: Path) -> dict[str, list[dict]]:
+    """{env: every object Flux applies there}, rendered without validation (for `mlops cluster`)."""
+    root = root.resolve()
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise RuntimeError(KUBECTL_MISSING)
+    objects, errors = _render(root, kubectl)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return {env: [o.data for o in objs] for env, objs in environments(root, objects).items()}
 
 
 def validate(root: Path, crds_dir: Path | None = None) -> list[str]:
@@ -312,4 +357,8 @@ def main(root: Path, crds_dir: Path | None = None) -> int:
         console.print(f"{len(errors)} problem(s) in {scope}", style="bold red", markup=False)
         return 1
     console.print(f"✓ {scope} are valid, with no plaintext secret", style="green", markup=False)
+    spec = root / SPEC_FILE
+    if spec.is_file():
+        for note in cluster.local_only(load_spec(spec)):
+            console.print(f"note: {note}", style="yellow", markup=False)
     return 0

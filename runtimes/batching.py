@@ -12,6 +12,10 @@ that caused it.
 MLServer's adaptive batching (`max_batch_size`) merges whole requests before a
 model sees them, which would send one router's batch to a single variant; this
 runs inside the model, after each request has been routed.
+
+A request's rows are an array, or, for a model logged from a DataFrame, a dict
+of one array per column; `prepare` turns the stacked rows into what the
+estimator takes (the DataFrame), once per call.
 """
 
 from __future__ import annotations
@@ -24,9 +28,20 @@ import numpy as np
 MAX_ROWS = 256  # a larger pending batch is split across loop turns
 
 
+def _rows(X) -> int:
+    return len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+
+
+def _stack(parts: list):
+    if isinstance(parts[0], dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return np.concatenate(parts)
+
+
 class Coalescer:
-    def __init__(self, estimator):
+    def __init__(self, estimator, prepare=None):
         self._estimator = estimator
+        self._prepare = prepare
         self._pending: dict[tuple[str, ...], list[tuple[np.ndarray, asyncio.Future]]] = defaultdict(list)
         self._rows = 0
         self._scheduled = False
@@ -36,7 +51,7 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending[methods].append((X, future))
-        self._rows += len(X)
+        self._rows += _rows(X)
         if self._rows >= MAX_ROWS:
             self._flush()
         elif not self._scheduled:
@@ -48,7 +63,7 @@ class Coalescer:
         pending, self._pending, self._rows, self._scheduled = self._pending, defaultdict(list), 0, False
         for methods, items in pending.items():
             try:
-                X = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
+                X = items[0][0] if len(items) == 1 else _stack([x for x, _ in items])
                 results = self._predict(methods, X)
             except Exception as exc:  # noqa: BLE001 - one request's failure must stay its own
                 if len(items) == 1:
@@ -59,11 +74,13 @@ class Coalescer:
                 continue
             start = 0
             for x, future in items:
-                end = start + len(x)
+                end = start + _rows(x)
                 _settle(future, [r[start:end] for r in results])
                 start = end
 
-    def _predict(self, methods: tuple[str, ...], X: np.ndarray) -> list[np.ndarray]:
+    def _predict(self, methods: tuple[str, ...], X) -> list[np.ndarray]:
+        if self._prepare is not None:
+            X = self._prepare(X)
         return [np.asarray(getattr(self._estimator, m)(X)) for m in methods]
 
     def _flush_one(self, methods, X, future) -> None:

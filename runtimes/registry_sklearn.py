@@ -10,6 +10,8 @@ Model-settings `parameters.extra` knobs:
   allow_pickle: load pickle/cloudpickle artifacts (they run arbitrary code on load)
   predict_fn: default output when a request names none ("predict" or "predict_proba")
   max_request_values: the most tensor values (rows x features) one request may carry (default 1,000,000)
+  variant: the deployment variant this instance serves, reported in each answer's `parameters.variant`
+    (in a cluster every variant pod serves the public name, so the answer must say which one it is)
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import yaml
 from mlserver.codecs import NumpyCodec, NumpyRequestCodec
 from mlserver.errors import InferenceError, InvalidModelURI, MLServerError
 from mlserver.model import MLModel
-from mlserver.types import InferenceRequest, InferenceResponse, RequestOutput
+from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 from mlserver.utils import get_model_uri
 
-from . import metrics, mlserver_patches
+from . import metrics, mlserver_patches, signature
 from .batching import Coalescer
 
 PREDICT = "predict"
@@ -88,15 +90,30 @@ def fetch(uri: str, tracking_uri: str | None = None) -> Path:
         raise ModelLoadError(f"cannot fetch model artifact {uri}: {str(exc).splitlines()[0]}") from None
 
 
-def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle: bool = False):
-    """Load with skops and the recorded trusted types; refuse pickles unless allowed."""
+def read_mlmodel(model_dir: Path) -> dict | None:
+    """The MLmodel file's content, None where there is none."""
+    path = model_dir / "MLmodel"
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: unreadable MLmodel file ({exc})") from None
+
+
+def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle: bool = False, trust: str = "parameters.extra"):
+    """Load with skops and the recorded trusted types; refuse pickles unless allowed.
+
+    `trust` names where the user declares trust, for the refusal messages (the spec's
+    `models.<name>.trust`, or model-settings' parameters.extra).
+    """
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES) if model_dir.is_dir() else []
         if pickles and not allow_pickle:
             raise ModelLoadError(
                 f"{model_dir / pickles[0]}: refusing to load a pickle (it can run arbitrary code); "
-                "log the model with MLflow's skops format, or set parameters.extra.allow_pickle: true"
+                f"log the model with MLflow's skops format, or set {trust}.allow_pickle: true"
             )
         if pickles:
             import joblib
@@ -115,7 +132,12 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
         pyfunc = flavors.get("python_function", {})
         if "python_model" in pyfunc and not allow_pickle:
             raise ModelLoadError(
-                f"{model_dir}: python_function model is cloudpickled; set parameters.extra.allow_pickle: true to load it"
+                f"{model_dir}: a custom python_function model is cloudpickled (it runs arbitrary code on load); set {trust}.allow_pickle: true to serve it"
+            )
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{model_dir}: flavor(s) {', '.join(sorted(flavors))} load through pyfunc, which may unpickle; "
+                f"set {trust}.allow_pickle: true to serve it"
             )
         import mlflow.pyfunc
 
@@ -127,7 +149,7 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
         if not allow_pickle:
             raise ModelLoadError(
                 f"{path}: refusing to load a {fmt} artifact (it can run arbitrary code); "
-                "log the model with serialization_format='skops', or set parameters.extra.allow_pickle: true"
+                f"log the model with serialization_format='skops', or set {trust}.allow_pickle: true"
             )
         import cloudpickle
 
@@ -142,7 +164,7 @@ def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle:
         if untrusted:
             raise ModelLoadError(
                 f"{path}: refusing to load untrusted skops type(s) {', '.join(untrusted)}; "
-                "they are not recorded as trusted in MLmodel (parameters.extra.skops_trusted_types can add them)"
+                f"they are not recorded as trusted in MLmodel ({trust}.skops_trusted_types can add them)"
             )
         return sio.load(path, trusted=trusted)
     except ModelLoadError:
@@ -196,16 +218,23 @@ class RegistrySKLearnRuntime(ReportedModel):
         except InvalidModelURI:
             raise ModelLoadError(f"model artifact not found at {self.settings.parameters.uri}") from None
         model_dir = fetch(uri)
+        registered = extra.get("registered_model")
         self._model = load_estimator(
             model_dir,
             extra_trusted=extra.get("skops_trusted_types", []),
             allow_pickle=bool(extra.get("allow_pickle", False)),
+            trust=f"deployments.yaml models.{registered}.trust" if registered else "parameters.extra",
         )
         self._default_output = extra.get("predict_fn", PREDICT)
+        self._variant = extra.get("variant")
         self._max_values = int(extra.get("max_request_values", MAX_REQUEST_VALUES))
         self._n_features = getattr(self._model, "n_features_in_", None)
         self._has_proba = hasattr(self._model, PREDICT_PROBA)
-        self._coalescer = Coalescer(self._model)
+        mlmodel = read_mlmodel(model_dir) or {}
+        columns = signature.parse_columns(mlmodel)
+        self._columns = signature.ColumnDecoder(columns, self._max_values) if columns else None
+        self._coalescer = Coalescer(self._model, prepare=self._columns.frame if self._columns else None)
+        self.inputs = signature.column_metadata(columns) if columns else signature.tensor_metadata(mlmodel)
         # A full collection walks every object that MLflow, pandas and scikit-learn allocated on
         # import: 200+ ms here, stalling every request in flight. What is alive now lives as long
         # as the model, so the collector stops visiting it.
@@ -218,11 +247,14 @@ class RegistrySKLearnRuntime(ReportedModel):
             if name not in VALID_OUTPUTS:
                 raise InferenceError(f"unknown output '{name}'; this model offers {', '.join(self._outputs())}")
             if name == PREDICT_PROBA and not self._has_proba:
-                raise InferenceError(f"output '{PREDICT_PROBA}' is not offered by this model (a regressor); ask for '{PREDICT}'")
-        X = self._features(payload)
+                raise InferenceError(f"output '{PREDICT_PROBA}' is not offered by this model (a regressor, or a model without it); ask for '{PREDICT}'")
+        X = self._columns.decode(payload) if self._columns else self._features(payload)
         results = await self._coalescer.predict(tuple(names), X)
         outputs = [NumpyCodec.encode_output(name, y) for name, y in zip(names, results)]
-        return InferenceResponse(model_name=self.name, model_version=self.version, outputs=outputs)
+        response = InferenceResponse(model_name=self.name, model_version=self.version, outputs=outputs)
+        if self._variant:
+            response.parameters = Parameters(variant=self._variant)
+        return response
 
     def _outputs(self) -> list[str]:
         return [PREDICT, PREDICT_PROBA] if self._has_proba else [PREDICT]

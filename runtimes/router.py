@@ -103,6 +103,8 @@ class RouterRuntime(ReportedModel):
                 failed.append(spec["name"])
         self._live = [v for v in self._variants if not v.shadow]
         self._shadows = [v for v in self._variants if v.shadow]
+        if self._live:  # the public name takes what its variants take (from the first live one's signature)
+            self.inputs = self._live[0].model.inputs
         total = sum(v.weight for v in self._live)
         if not total:
             after = f" after {', '.join(failed)} failed to load" if failed else ""

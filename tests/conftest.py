@@ -104,18 +104,27 @@ class Server:
         return f"127.0.0.1:{self.http}"
 
     def wait_ready(self, timeout: float = 180) -> None:
+        self.wait_for_paths(["/v2/health/ready"], timeout)
+
+    def wait_ready_models(self, models: list[str], timeout: float = 180) -> None:
+        """For a server where some model is meant to stay not ready (so the server is not)."""
+        self.wait_for_paths([f"/v2/models/{m}/ready" for m in models], timeout)
+
+    def wait_for_paths(self, paths: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlops serve exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"MLServer not ready after {timeout}s:\n{self.output()}")
+        for path in paths:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"mlops serve exited {self.proc.returncode}:\n{self.output()}")
+                try:
+                    with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"MLServer: {path} not ready after {timeout}s:\n{self.output()}")
+                time.sleep(0.5)
 
     def output(self) -> str:
         self.log.flush()
@@ -158,3 +167,21 @@ def server(trained):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(trained, tmp_path_factory):
+    """The dev environment's iris (A/B) and wine (shadow) pods behind the ingress + executor stand-in."""
+    from cluster_pods import Cluster
+    from mlops.registry import default_registry
+
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking_uri = default_registry(trained).tracking_uri
+    running = Cluster(tmp_path_factory.mktemp("cluster"), tracking_uri)
+    try:
+        running.wait_ready()
+        running.start_standin()
+        yield running
+    finally:
+        running.stop()

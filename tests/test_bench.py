@@ -17,7 +17,7 @@ def test_bench_measures_every_system_and_writes_its_report(tmp_path):
     proc = mlops(tmp_path, "bench", "--rounds", "1", "--seconds", "1", "--connections", "2", "--no-scale", "--no-sweep", "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert set(results["systems"]) == {"routed-rest", "routed-grpc", "direct-rest", "stock-mlflow", "stock-mlflow-tuned", "monolith"}
+    assert set(results["systems"]) == {"routed-rest", "routed-grpc", "direct-rest", "stock-mlflow", "stock-mlflow-tuned", "monolith", "columns-direct", "columns-stock"}
     for key, by_conns in results["load"].items():
         run = by_conns["2"]
         assert run["requests"] > 0 and run["rps"] > 0, key

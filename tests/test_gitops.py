@@ -64,6 +64,9 @@ def render(spec_data: dict = SPEC) -> dict[str, str]:
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "clusters", tmp_path / "clusters")
+    (tmp_path / "model-settings").mkdir()
+    for rel in ("Dockerfile", "model-settings/settings.json"):  # the image, whose ENV, USER and settings the pods run with
+        shutil.copy(ROOT / rel, tmp_path / rel)
     for rel, text in render().items():
         path = tmp_path / seldon.OUTPUT_DIR / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,14 +110,18 @@ def test_seldon_deployment_serves_the_pinned_version_with_project_image(repo):
     assert graph["type"] == "MODEL" and "modelUri" not in graph and "implementation" not in graph
     pod = champion["componentSpecs"][0]
     (container,) = pod["spec"]["containers"]
-    assert container["name"] == graph["name"] == "iris-champion"
+    # Every predictor serves the public name (Seldon's A/B pattern); the variant is in MLSERVER_MODEL_EXTRA.
+    assert {p["graph"]["name"] for p in preds} == {c["name"] for p in preds for c in p["componentSpecs"][0]["spec"]["containers"]} == {"iris"}
+    assert container["name"] == graph["name"] == "iris"
     assert container["image"] == seldon.SERVING_IMAGE
     assert {e["name"]: e["value"] for e in container["env"]} == {
-        "MLSERVER_MODEL_NAME": "iris-champion",
+        "MLSERVER_MODEL_NAME": "iris",
         "MLSERVER_MODEL_VERSION": ALIAS_VERSION,
         "MLSERVER_MODEL_IMPLEMENTATION": "runtimes.registry_sklearn.RegistrySKLearnRuntime",
         "MLSERVER_MODEL_URI": f"models:/iris/{ALIAS_VERSION}",
+        "MLSERVER_MODEL_EXTRA": json.dumps({"alias": "champion", "registered_model": "iris", "shadow": False, "variant": "champion"}),
     }
+    assert pod["spec"]["securityContext"]["runAsUser"] == seldon.IMAGE_UID
     assert container["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}]
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
     assert pod["metadata"]["labels"] == {"mlops/model": "iris", "mlops/model-version": ALIAS_VERSION, "mlops/variant": "champion", "mlops/role": "live"}
@@ -189,7 +196,7 @@ def add_broken_dashboard(repo):
 
 
 def add_unknown_kind(repo):
-    add_to_monitoring(repo, "gateway.yaml", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: seldon-gateway\n  namespace: istio-system\n")
+    add_to_monitoring(repo, "widget.yaml", "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: gadget\n  namespace: monitoring\n")
 
 
 def misspell_seldon_field(repo):
@@ -220,7 +227,7 @@ def drop_overlay(repo):
         ),
         (add_plaintext_secret, "clusters/base/monitoring (Secret/grafana-admin): stringData: plaintext Secret in Git"),
         (add_broken_dashboard, "clusters/base/monitoring (ConfigMap/model-dashboards): data['models.json']: not valid JSON"),
-        (add_unknown_kind, "clusters/base/monitoring (Gateway/seldon-gateway): kind: unknown kind Gateway in networking.istio.io/v1"),
+        (add_unknown_kind, "clusters/base/monitoring (Widget/gadget): kind: unknown kind Widget in example.com/v1"),
         (misspell_seldon_field, "seldon/overlays/dev (SeldonDeployment/wine): spec.predictors[0].graph.modelURI: unknown field"),
         (mistype_core_field, "clusters/prod/infrastructure (Namespace/models): metadata.labels.istio-injection: True is not of type 'string'"),
         (drop_overlay, "clusters/stage (Kustomization/apps): spec.path: './seldon/overlays/stage' does not exist"),
@@ -234,6 +241,85 @@ def test_each_rule_names_file_object_and_field(repo, mutate, expected):
     # Nothing else is reported: the same object, field and problem, once per path that renders it.
     same = expected.split(" (", 1)[1]
     assert all(e.split(" (", 1)[1].startswith(same) for e in errors), "\n".join(errors)
+
+
+# --- what Seldon's operator, its executor and Istio make of the manifests (mlops/cluster.py) --------
+
+
+def per_variant_model_names(repo):
+    """The champion predictor serves `iris-champion` again, as before the A/B fix."""
+    path = repo / "seldon/base/iris.yaml"
+    text = path.read_text()
+    for old, new in (("value: iris\n", "value: iris-champion\n"), ("          name: iris\n", "          name: iris-champion\n"),
+                     ("      name: iris\n      type: MODEL\n    name: champion", "      name: iris-champion\n      type: MODEL\n    name: champion"),
+                     ("path: /v2/models/iris/ready", "path: /v2/models/iris-champion/ready")):  # fmt: skip
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+
+
+def set_port_env(repo):
+    edit(repo / "seldon/base/wine.yaml", "        - env:\n", "        - env:\n          - name: MLSERVER_HTTP_PORT\n            value: '8080'\n")
+
+
+def chart_default_metrics_port(repo):
+    edit(repo / "clusters/base/infrastructure/seldon-core.yaml", "metricsPortName: model-metrics", "metricsPortName: metrics")
+
+
+def drop_gateway(repo):
+    edit(repo / "clusters/base/ingress/kustomization.yaml", "  - seldon-gateway.yaml\n", "  []\n")
+
+
+def gateway_selects_no_pods(repo):
+    edit(repo / "clusters/base/ingress/seldon-gateway.yaml", "istio: ingressgateway", "istio: ingress")
+
+
+def istio_disabled(repo):
+    edit(repo / "clusters/base/infrastructure/seldon-core.yaml", "istio:\n      enabled: true", "istio:\n      enabled: false")
+
+
+def pod_without_security_context(repo):
+    edit(repo / "seldon/base/wine.yaml", "        securityContext:\n          runAsGroup: 1000\n          runAsNonRoot: true\n          runAsUser: 1000\n", "")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (per_variant_model_names, "clusters/dev (SeldonDeployment/iris): predictors serve different model names ['iris', 'iris-champion']"),
+        (set_port_env, "clusters/dev (SeldonDeployment/wine): predictor 'champion': MLSERVER_HTTP_PORT is set in the manifest, so the operator drops the container's whole env"),
+        (chart_default_metrics_port, "clusters/dev (PodMonitor/mlserver): podMetricsEndpoints[0]: port 'model-metrics' path '/metrics' misses MLServer's metrics: iris/champion serves them on 6000"),
+        (drop_gateway, "clusters/dev (SeldonDeployment/iris): the VirtualService the operator makes binds to the Istio Gateway istio-system/seldon-gateway, which nothing here creates"),
+        (gateway_selects_no_pods, "clusters/dev (SeldonDeployment/iris): Gateway istio-system/seldon-gateway selects {'istio': 'ingress'}, which no Istio gateway chart release"),
+        (istio_disabled, "clusters/dev (HelmRelease/seldon-core-operator): values.istio.enabled is not true"),
+        (pod_without_security_context, "clusters/dev (SeldonDeployment/wine): predictor 'champion': the pod runs as uid 8888, not the image's user 1000"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_each_cluster_rule_names_environment_object_and_cause(repo, mutate, expected):
+    """A schema-valid change that would break the cluster once the operator and Istio act on it."""
+    assert validate(repo, CRDS) == []
+    mutate(repo)
+    errors = validate(repo, CRDS)
+    assert any(e.startswith(expected) for e in errors), "\n".join(errors)
+    assert {e.split(" (", 1)[0] for e in errors} == {"clusters/dev", "clusters/prod", "clusters/stage"}
+
+
+def test_mlops_cluster_shows_what_the_pods_run(repo, capsys):
+    from mlops.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["cluster", "prod"], env={"MLOPS_PROJECT_DIR": str(repo)})
+    assert result.exit_code == 0, result.output
+    shown = {d["seldonDeployment"]: d for d in yaml.safe_load(result.output)}
+    iris = shown["models/iris"]
+    assert iris["ingress"]["weights"] == {"champion": 100, "challenger": 0}
+    assert iris["ingress"]["mirror"] == {"predictor": "candidate", "percent": 100.0}
+    assert iris["ingress"]["grpc"] == {"headers": {"seldon": "iris", "namespace": "models"}, "model_name": "iris"}
+    champion = iris["predictors"][0]
+    assert champion["metrics"] == {"port": 8082, "path": "/metrics"}
+    assert champion["env"]["MLSERVER_MODEL_NAME"] == "iris" and champion["env"]["MLSERVER_METRICS_PORT"] == "8082"
+    bad = CliRunner().invoke(app, ["cluster", "qa"], env={"MLOPS_PROJECT_DIR": str(repo)})
+    assert bad.exit_code == 1 and "no environment 'qa'" in bad.output and "dev, prod, stage" in bad.output
 
 
 def test_sops_encrypted_secret_and_real_dashboard_pass(repo):
@@ -395,3 +481,23 @@ def test_image_serves_with_the_generated_server_settings():
     serving, full = pins("requirements-serving.lock"), pins("requirements.lock")
     assert "requirements-serving.lock" in copies and serving.items() <= full.items()
     assert "pytest" not in serving and "mlserver" in serving
+
+
+def test_declared_trust_reaches_every_runtime_that_loads_the_model():
+    """The spec's trust goes to the variant's pods, its local model-settings and the router's variants; only there."""
+    from mlops.sync import render_model_settings
+
+    data = copy.deepcopy(SPEC)
+    data["models"]["wine"]["trust"] = {"allow_pickle": True, "skops_trusted_types": ["sklearn.tree._tree.Tree"]}
+    spec = DeploymentSpec.model_validate(data)
+    declared = {"allow_pickle": True, "skops_trusted_types": ["sklearn.tree._tree.Tree"]}
+    sdep = yaml.safe_load(seldon.render(spec, fake_resolve(spec), seldon.SERVING_IMAGE)["base/wine.yaml"])
+    (container,) = sdep["spec"]["predictors"][0]["componentSpecs"][0]["spec"]["containers"]
+    extra = json.loads({e["name"]: e["value"] for e in container["env"]}[seldon.EXTRA_ENV])
+    assert extra.items() >= declared.items()
+    files = render_model_settings(fake_resolve(spec), spec)
+    assert json.loads(files["wine-champion/model-settings.json"])["parameters"]["extra"].items() >= declared.items()
+    assert json.loads(files["wine/model-settings.json"])["parameters"]["extra"]["runtime"] == {"registered_model": "wine", **declared}
+    assert "allow_pickle" not in json.loads(files["iris-champion/model-settings.json"])["parameters"]["extra"]
+    iris = yaml.safe_load(seldon.render(spec, fake_resolve(spec), seldon.SERVING_IMAGE)["base/iris.yaml"])
+    assert "allow_pickle" not in iris["spec"]["predictors"][0]["componentSpecs"][0]["spec"]["containers"][0]["env"][4]["value"]

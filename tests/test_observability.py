@@ -6,11 +6,11 @@ return data here, in both places the platform runs:
 - locally: `mlops serve`, whose router splits each public name in-process; set up so that every
   panel can have data: an inference worker, adaptive batching on one model, a shadow variant (wine),
   failed requests;
-- in a cluster: one MLServer per variant pod, started here as the generated SeldonDeployment's
-  container would be (its environment, one model), scraped with the target labels that the
-  PodMonitor's relabelings give a pod with the generated pod labels, and the generated overlay's
-  weight rule loaded. The load splits the public name between the pods by the overlay's weights,
-  as Istio would.
+- in a cluster: the dev environment's iris pods (tests/cluster_pods.py: real MLServers run as the
+  operator leaves the generated containers), scraped as prometheus-operator scrapes the PodMonitor
+  (its port name looked up in each pod, its path, its relabelings on the pod's labels), with the
+  generated overlay's weight rule loaded. The load calls the public name through the ingress and
+  executor stand-in, which splits it between the pods by the overlay's weights, as Istio does.
 
 Local series carry no namespace label, the pods' carry `namespace="models"` (as prometheus-operator
 adds), so one Prometheus holds both and each form is checked on its own series.
@@ -19,15 +19,11 @@ adds), so one Prometheus holds both and each form is checked on its own series.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,11 +31,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
 
-from conftest import REPO, Server, free_port, stop_group
+from conftest import REPO, Server, free_port
 from mlops import dashboards, seldon
 from mlops.prometheus import Prometheus, rule_file, scrape_job
-from mlops.registry import Registry, default_registry
-from mlops.serve import Ports, mlserver_command, server_env
 from mlops.spec import load_spec
 
 LOAD_S = 15  # seconds of load; with a 1 s scrape that is enough samples for every rate()
@@ -71,45 +65,7 @@ def podmonitor_relabel_configs(podmonitor: dict) -> list[dict]:
     return configs
 
 
-class Pod:
-    """One variant's MLServer as its Seldon predictor runs it: the container's environment from the
-    generated SeldonDeployment, an empty model folder, one model, its own ports."""
-
-    def __init__(self, registry: Registry, workdir: Path, predictor: dict):
-        (component,) = predictor["componentSpecs"]
-        (container,) = component["spec"]["containers"]
-        self.labels = component["metadata"]["labels"]
-        self.name = container["name"]
-        self.ports = Ports(free_port(), free_port(), free_port())
-        models = workdir / self.name
-        models.mkdir()
-        env = server_env(registry, self.ports, str(workdir / f"{self.name}-metrics"))
-        env.update({e["name"]: e["value"] for e in container["env"]})
-        self.log = open(workdir / f"{self.name}.log", "w+")
-        self.proc = subprocess.Popen(mlserver_command(models), cwd=models, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def scrape_job(self, podmonitor: dict) -> dict:
-        meta = {f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in self.labels.items()}
-        meta.update(__meta_kubernetes_namespace=seldon.NAMESPACE, __meta_kubernetes_pod_name=f"{self.name}-0")
-        return scrape_job(self.name, [f"127.0.0.1:{self.ports.metrics}"], meta, podmonitor_relabel_configs(podmonitor))
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}/v2/models/{self.name}/ready", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.log.seek(0)
-        raise AssertionError(f"variant pod {self.name} not ready:\n{self.log.read()[-3000:]}")
-
-    def stop(self) -> None:
-        stop_group(self.proc)
-        self.log.close()
-
-
-def _call(rest, grpc, model: str, n: int) -> None:
+def _call(rest, grpc, model: str, n: int, headers: dict | None = None) -> None:
     """One inference call, REST or gRPC by turn; one call in ten has the wrong feature count and fails."""
     width = FEATURES[model.split("-")[0]] - (n % 10 == 0)
     row = np.random.default_rng(n).random((1, width))
@@ -121,7 +77,7 @@ def _call(rest, grpc, model: str, n: int) -> None:
         else:
             inp = grpcclient.InferInput("input-0", [1, width], "FP64")
             inp.set_data_from_numpy(row)
-            grpc.infer(model, [inp])
+            grpc.infer(model, [inp], headers=headers)
     except Exception as exc:  # noqa: BLE001 - wrong widths fail on purpose
         if n % 10:
             raise AssertionError(f"{model}: {exc}") from None
@@ -141,20 +97,15 @@ def _load(srv: Server, stop: threading.Event, failures: list) -> None:
             failures.append(str(exc))
 
 
-def _split(pods: list[Pod], weights: dict[str, int], stop: threading.Event, failures: list) -> None:
-    """The public name's traffic sent to the variant pods by weight, as Istio's weighted routes do."""
-    clients = {
-        p.labels["mlops/variant"]: (p.name, httpclient.InferenceServerClient(f"127.0.0.1:{p.ports.http}"), grpcclient.InferenceServerClient(f"127.0.0.1:{p.ports.grpc}"))
-        for p in pods
-    }
-    variants = sorted(clients)
-    rng = np.random.default_rng(0)
+def _split(cluster, stop: threading.Event, failures: list) -> None:
+    """The public name's traffic through the cluster's ingress, which splits it between the variant pods."""
+    rest = httpclient.InferenceServerClient(cluster.rest_url(POD_MODEL))
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster.grpc}")
     n = 0
     while not stop.is_set():
         n += 1
-        name, rest, grpc = clients[rng.choice(variants, p=[weights[v] / 100 for v in variants])]
         try:
-            _call(rest, grpc, name, n)
+            _call(rest, grpc, POD_MODEL, n, cluster.grpc_headers(POD_MODEL))
         except AssertionError as exc:
             failures.append(str(exc))
 
@@ -166,7 +117,7 @@ class Scraped:
 
 
 @pytest.fixture(scope="module")
-def scraped(trained, tmp_path_factory):
+def scraped(trained, cluster, tmp_path_factory):
     """A private local server with adaptive batching on one model, and iris's live variants as pods, all under
     load and scraped every second."""
     work = tmp_path_factory.mktemp("observability")
@@ -181,33 +132,27 @@ def scraped(trained, tmp_path_factory):
     path = project / "model-settings" / "settings.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "parallel_workers": 1}))
 
-    sdep = yaml.safe_load((project / "seldon/base" / f"{POD_MODEL}.yaml").read_text())
     weights = load_spec(project / "deployments.yaml").models[POD_MODEL].weights(POD_ENV)
     weight_rule = yaml.safe_load((project / "seldon/overlays" / POD_ENV / seldon.WEIGHTS_FILE).read_text())
     podmonitor = yaml.safe_load(PODMONITOR.read_text())
 
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        registry = default_registry(project)
     srv = Server(project)
-    pods: list[Pod] = []
+    pods = cluster.pods_of(POD_MODEL)
     prom = None
     try:
-        pods = [Pod(registry, work, p) for p in sdep["spec"]["predictors"] if not p.get("shadow")]
         assert {p.labels["mlops/variant"] for p in pods} == set(weights)
         srv.wait_ready()
-        for pod in pods:
-            pod.wait_ready()
+        relabel = podmonitor_relabel_configs(podmonitor)
         prom = Prometheus(
             work / "prometheus", free_port(),
-            [scrape_job("mlserver", [f"127.0.0.1:{srv.metrics}"]), *(p.scrape_job(podmonitor) for p in pods)],
+            [scrape_job("mlserver", [f"127.0.0.1:{srv.metrics}"]), *(p.scrape_job(podmonitor, relabel) for p in pods)],
             {"mlops-serving.yaml": rule_file(dashboards.prometheus_rule()), "variant-weights.yaml": rule_file(weight_rule)},
             interval="1s",
         )  # fmt: skip
         prom.wait_ready()
         stop, failures = threading.Event(), []
         threads = [threading.Thread(target=_load, args=(srv, stop, failures)) for _ in range(3)]
-        threads += [threading.Thread(target=_split, args=(pods, weights, stop, failures)) for _ in range(2)]
+        threads += [threading.Thread(target=_split, args=(cluster, stop, failures)) for _ in range(2)]
         for t in threads:
             t.start()
         time.sleep(LOAD_S)
@@ -220,8 +165,6 @@ def scraped(trained, tmp_path_factory):
     finally:
         if prom is not None:
             prom.stop()
-        for pod in pods:
-            pod.stop()
         srv.stop()
 
 

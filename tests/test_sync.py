@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, in_registry, mlops, tree_bytes
+from mlops.spec import SpecError, load_spec
 
 GENERATED = ("model-settings", "seldon")
 
@@ -185,3 +186,23 @@ def test_fallback_is_written_into_the_router_settings_only_where_the_spec_sets_i
     spec.write_text(spec.read_text().replace("  wine:\n    fallback: true\n", "  wine:\n"))
     after = synced(project)
     assert sorted(k for k in before if before[k] != after.get(k)) == ["model-settings/wine/model-settings.json"]
+
+
+TRUST_CASES = {
+    "trust not a boolean": ("    trust: {allow_pickle: maybe}\n", r"deployments.yaml: models.wine.trust.allow_pickle: Input should be a valid boolean.*\(got 'maybe'\)"),
+    "trust of an unknown kind": ("    trust: {pickles: true}\n", r"deployments.yaml: models.wine.trust.pickles: unknown field"),
+    "skops type that is not a type name": (
+        "    trust: {skops_trusted_types: [rm -rf]}\n",
+        r"deployments.yaml: models.wine.trust: skops_trusted_types: 'rm -rf' is not a dotted type name",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRUST_CASES))
+def test_bad_trust_declaration_is_one_clear_line(tmp_path, case):
+    """Spec errors stop sync before anything is resolved or written (the cases above show the writing side)."""
+    line, pattern = TRUST_CASES[case]
+    path = tmp_path / "deployments.yaml"
+    path.write_text(BASE.replace("  wine:\n", "  wine:\n" + line))
+    with pytest.raises(SpecError, match=pattern):
+        load_spec(path)

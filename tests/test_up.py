@@ -59,6 +59,7 @@ def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tm
         with urllib.request.urlopen(req, timeout=30) as r:
             answer = json.loads(r.read())
         assert answer["outputs"][0]["data"], answer
+        assert answer["model_name"] == "iris" and answer["parameters"]["variant"] in ("champion", "challenger"), answer
 
         prometheus = re.search(r"Prometheus (http://\S+)", text)
         assert prometheus and prometheus.group(1) == f"http://127.0.0.1:{ports[3]}", text[-3000:]

@@ -101,3 +101,27 @@ def test_a_lone_request_is_answered_without_waiting_for_company(iris):
     answers = asyncio.run(main())
     assert est.calls == [1, 1, 1]
     assert [a[0][0] for a in answers] == list(model.predict(X[:3]))
+
+
+def test_column_requests_are_stacked_into_one_data_frame():
+    """A DataFrame model (clinic example): per-column arrays are stacked, then one DataFrame per call."""
+    from training.clinic_job import build_pipeline, load_frame
+
+    from runtimes.signature import Column, ColumnDecoder
+
+    X, y = load_frame()
+    model = build_pipeline().fit(X, y)
+    decoder = ColumnDecoder([Column(c, "string" if c == "clinic" else "double") for c in X.columns], 1000)
+    frames = []
+
+    class Recording:
+        def predict(self, frame):
+            frames.append(len(frame))
+            return model.predict(frame)
+
+    chunks = [X.iloc[i : i + n] for i, n in ((0, 2), (100, 1), (300, 3))]
+    requests = [(("predict",), {c: chunk[c].to_numpy() for c in chunk.columns}) for chunk in chunks]
+    answers = run(Coalescer(Recording(), prepare=decoder.frame), requests)
+    assert frames == [6]
+    for chunk, answer in zip(chunks, answers):
+        assert answer[0].tolist() == model.predict(chunk).tolist()

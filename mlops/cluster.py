@@ -1,0 +1,438 @@
+"""What Seldon Core 1.18.2's operator and executor, and Istio, make of the rendered manifests.
+
+Schema-valid manifests can still fail once the operator has defaulted them and the executor and
+Istio route through them. This module derives, offline, what they will run, from their source
+(SeldonIO/seldon-core tag v1.18.2, istio/istio tag 1.26.8, SeldonIO/MLServer tag 1.7.1; paths and
+lines below), so that `mlops validate` can check it, `mlops cluster` can show it, and the tests
+can start real MLServer processes exactly as the pods run and route to them as the cluster does.
+
+The operator, for each predictor's container that a graph node names (same name):
+- defaulting (operator/apis/machinelearning.seldon.io/v1/defaults.go): keeps declared ports named
+  http/grpc (87-95); otherwise numbers them per container name from 9000 and 9500 (160-230); adds a
+  port named by the chart's `predictiveUnit.metricsPortName` (env PREDICTIVE_UNIT_METRICS_PORT_NAME,
+  default "metrics") at 6000, 6001, ... for each container that lacks one (57-67, 185-194);
+- the container env (operator/controllers/seldondeployment_controller.go): PREDICTIVE_UNIT_SERVICE_PORT
+  (839-845); the http/grpc ports as PREDICTIVE_UNIT_*_SERVICE_PORT and MLSERVER_*_PORT (935-963), a
+  model URI and parameters (915-933), through utils.SetEnvVar(..., false), which returns nil when the
+  name is already set, dropping the container's whole env (operator/utils/utils.go 108-129); then it
+  appends MLSERVER_MODEL_NAME = the container name and the predictor's identity (857-865), and, when
+  the container has the metrics port, MLSERVER_METRICS_PORT = that port and MLSERVER_METRICS_ENDPOINT
+  = the executor's prometheus path, "/prometheus" by default (867-877; seldondeployment_engine.go 154-157);
+- probes and a preStop sleep only where the container has none (815-833); the chart's
+  defaultUserID (8888) as the pod's runAsUser only where the pod sets no securityContext
+  (security.go 18-30; seldondeployment_controller.go 1030-1032);
+- one VirtualService per SeldonDeployment on the chart's `istio.gateway` (236-411): HTTP by URI
+  prefix `/seldon/<namespace>/<name>/` rewritten to `/` (271-274), gRPC by the path regex
+  `.*tensorflow.*|.*seldon.protos.*|.*inference.*` (constants.go 8) and the headers `seldon: <name>`
+  and `namespace: <namespace>` (279-283), each to the live predictors with weight = traffic (381-400)
+  and mirrored to a shadow predictor (346-377).
+
+Kubernetes gives a container's `env` precedence over the image's ENV, and the last of two entries
+with one name wins. MLServer 1.7.1 reads `settings.json` (mlserver/cli/serve.py 29) and fills what it
+leaves out from MLSERVER_* (pydantic-settings), so a field the image's settings.json sets beats the
+operator's env: its `metrics_endpoint` "/metrics" wins over "/prometheus", while the metrics port,
+which settings.json leaves to the env (so `mlops serve --metrics-port` works), is the operator's.
+
+The executor (executor/api/rest/server.go 185-191) routes only `POST /v2/models/{name}/infer`,
+`POST /v2/models/infer`, `GET /v2/models/{name}/ready`, `GET /v2/models/{name}` and
+`GET /v2/health/ready`. It calls `/v2/models/<name from the client's path>/infer` on the model
+(predictor_process.go 87-92, rest/client.go 266-280; gRPC forwards model_name unchanged,
+grpc/kfserving/server.go 76-88), and answers ready and metadata only for a graph node of that name
+(predictor_process.go 470-484). So every predictor of an A/B deployment serves the same model name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import seldon
+
+# seldon-core-operator chart defaults (helm-charts/seldon-core-operator/values.yaml at v1.18.2: 17-20,
+# 41, 61-62, 122-125) and the operator's constants (operator/constants/constants.go 20-21, 45-46).
+CHART = "seldon-core-operator"
+CHART_DEFAULTS = {
+    "istio": {"enabled": False, "gateway": "istio-system/seldon-gateway"},
+    "defaultUserID": "8888",
+    "executor": {"port": 8000, "prometheus": {"path": "/prometheus"}},
+    "predictiveUnit": {"httpPort": 9000, "grpcPort": 9500, "metricsPortName": "metrics"},
+}
+FIRST_METRICS_PORT = 6000
+EXECUTOR_GRPC_PORT = 5001  # operator/controllers/seldondeployment_engine.go 45
+GRPC_PATH_REGEX = ".*tensorflow.*|.*seldon.protos.*|.*inference.*"
+# Names the operator sets with SetEnvVar(..., override=false): one already in the manifest drops the whole env.
+TRAP_ENV = ("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", "MLSERVER_HTTP_PORT", "PREDICTIVE_UNIT_GRPC_SERVICE_PORT", "MLSERVER_GRPC_PORT")
+ISTIO_GATEWAY_CHART = "gateway"  # istio/istio manifests/charts/gateway
+SETTINGS_FILE = Path("model-settings") / "settings.json"  # copied into the image as /app/server/settings.json
+DOCKERFILE = "Dockerfile"
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Helm's values merge: maps merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+@dataclass(frozen=True)
+class Chart:
+    """The seldon-core-operator values that change what the operator makes (defaults merged)."""
+
+    found: bool
+    istio_enabled: bool
+    gateway: str  # namespace/name
+    metrics_port_name: str
+    prometheus_path: str
+    default_user: int | None
+
+    @classmethod
+    def of(cls, objects: list[dict]) -> Chart:
+        releases = [o for o in objects if o.get("kind") == "HelmRelease" and _chart_name(o) == CHART]
+        values = merge(CHART_DEFAULTS, (releases[0].get("spec") or {}).get("values") or {}) if releases else CHART_DEFAULTS
+        user = str(values.get("defaultUserID") or "")
+        return cls(
+            found=bool(releases),
+            istio_enabled=bool(values["istio"].get("enabled")),
+            gateway=str(values["istio"].get("gateway") or ""),
+            metrics_port_name=str(values["predictiveUnit"].get("metricsPortName") or "metrics"),
+            prometheus_path=str(values["executor"]["prometheus"].get("path") or "/prometheus"),
+            default_user=int(user) if user.isdigit() else None,
+        )
+
+
+def _chart_name(release: dict) -> str | None:
+    return (((release.get("spec") or {}).get("chart") or {}).get("spec") or {}).get("chart")
+
+
+@dataclass
+class Container:
+    """A model container as the operator leaves it in the pod spec."""
+
+    name: str
+    image: str
+    env: list[tuple[str, str]]  # in pod-spec order, after the operator; values from secrets are left out
+    ports: dict[str, int]
+    readiness_path: str | None
+    run_as_user: int | None  # None: the image's USER
+    probes: dict[str, dict]  # liveness/readiness as the pod runs them: ours, or the operator's TCP defaults
+    pre_stop: list[str] | None  # the operator's `sleep 10` where the manifest has no lifecycle
+    dropped_env: list[str] = field(default_factory=list)  # manifest env the operator threw away, and why
+
+    def environment(self, image_env: dict[str, str]) -> dict[str, str]:
+        """What the process sees: the image's ENV, then the pod's env in order (the last of a name wins)."""
+        out = dict(image_env)
+        out.update(self.env)
+        return out
+
+
+@dataclass
+class Predictor:
+    name: str
+    traffic: int
+    shadow: bool
+    graph_name: str
+    labels: dict[str, str]  # the pod's labels from componentSpecs metadata
+    container: Container | None  # the container paired with the graph's root node
+
+
+@dataclass
+class Deployment:
+    """One SeldonDeployment: its predictors' model containers and the Istio route in front of them."""
+
+    name: str
+    namespace: str
+    gateway: str
+    hosts: list[str]
+    predictors: list[Predictor]
+
+    @property
+    def http_prefix(self) -> str:
+        return f"/seldon/{self.namespace}/{self.name}/"
+
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        return {"seldon": self.name, "namespace": self.namespace}
+
+    @property
+    def routes(self) -> list[tuple[str, int]]:
+        return [(p.name, p.traffic) for p in self.predictors if not p.shadow]
+
+    @property
+    def mirror(self) -> tuple[str, float] | None:
+        """The last shadow predictor (each one overwrites the route's mirror), with its percentage."""
+        shadows = [p for p in self.predictors if p.shadow]
+        if not shadows:
+            return None
+        return shadows[-1].name, float(shadows[-1].traffic or 100)
+
+
+def _set_env(env: list[tuple[str, str]], name: str, value: str, dropped: list[str]) -> list[tuple[str, str]]:
+    """utils.SetEnvVar(env, var, override=false): a name already present leaves nil, the whole env gone."""
+    if any(n == name for n, _ in env):
+        dropped.append(f"{name} is set in the manifest, so the operator drops the container's whole env ({', '.join(n for n, _ in env)})")
+        return []
+    return [*env, (name, value)]
+
+
+def derive(sdep: dict, chart: Chart) -> Deployment:
+    meta, spec = sdep.get("metadata") or {}, sdep.get("spec") or {}
+    name, namespace = meta.get("name", "?"), meta.get("namespace") or seldon.NAMESPACE
+    annotations = meta.get("annotations") or {}
+    next_http, next_grpc, next_metrics = CHART_DEFAULTS["predictiveUnit"]["httpPort"], CHART_DEFAULTS["predictiveUnit"]["grpcPort"], FIRST_METRICS_PORT
+    http_by_name: dict[str, int] = {}
+    grpc_by_name: dict[str, int] = {}
+    predictors = []
+    for p in spec.get("predictors") or []:
+        graph = p.get("graph") or {}
+        labels = {"version": p.get("name", ""), **(p.get("labels") or {})}
+        found = None
+        pod_labels: dict[str, str] = {}
+        for cspec in p.get("componentSpecs") or []:
+            pod = cspec.get("spec") or {}
+            pod_sc = pod.get("securityContext")
+            for con in pod.get("containers") or []:
+                cname = con.get("name", "")
+                if cname not in http_by_name:
+                    http_by_name[cname], next_http = next_http, next_http + 1
+                if cname not in grpc_by_name:
+                    grpc_by_name[cname], next_grpc = next_grpc, next_grpc + 1
+                if cname != graph.get("name"):
+                    continue
+                ports = {pt.get("name"): int(pt.get("containerPort")) for pt in con.get("ports") or [] if pt.get("name")}
+                if chart.metrics_port_name not in ports:
+                    ports[chart.metrics_port_name], next_metrics = next_metrics, next_metrics + 1
+                http, grpc = ports.setdefault("http", http_by_name[cname]), ports.setdefault("grpc", grpc_by_name[cname])
+                env = [(e["name"], str(e.get("value", ""))) for e in con.get("env") or [] if "value" in e]
+                dropped: list[str] = []
+                if not any(n == "PREDICTIVE_UNIT_SERVICE_PORT" for n, _ in env):
+                    env.append(("PREDICTIVE_UNIT_SERVICE_PORT", str(http)))
+                for var, value in zip(TRAP_ENV, (http, http, grpc, grpc)):
+                    env = _set_env(env, var, str(value), dropped)
+                if graph.get("parameters"):
+                    env = _set_env(env, "PREDICTIVE_UNIT_PARAMETERS", json.dumps(graph["parameters"]), dropped)
+                if graph.get("modelUri"):
+                    env = _set_env(env, "MLSERVER_MODEL_URI", "/mnt/models", dropped)
+                env += [
+                    ("PREDICTIVE_UNIT_ID", cname),
+                    ("MLSERVER_MODEL_NAME", cname),
+                    ("PREDICTIVE_UNIT_IMAGE", con.get("image", "")),
+                    ("PREDICTOR_ID", p.get("name", "")),
+                    ("PREDICTOR_LABELS", json.dumps(labels, sort_keys=True, separators=(",", ":"))),
+                    ("SELDON_DEPLOYMENT_ID", name),
+                    ("SELDON_EXECUTOR_ENABLED", "true"),
+                ]
+                metrics = ports[chart.metrics_port_name]
+                env += [
+                    ("PREDICTIVE_UNIT_METRICS_SERVICE_PORT", str(metrics)),
+                    ("PREDICTIVE_UNIT_METRICS_ENDPOINT", chart.prometheus_path),
+                    ("MLSERVER_METRICS_PORT", str(metrics)),
+                    ("MLSERVER_METRICS_ENDPOINT", chart.prometheus_path),
+                ]
+                probe = ((con.get("readinessProbe") or {}).get("httpGet") or {}).get("path")
+                user = (pod_sc or {}).get("runAsUser") if pod_sc is not None else chart.default_user
+                probes = {
+                    kind: con.get(f"{kind}Probe") or {"tcpSocket": {"port": http}, "initialDelaySeconds": delay, "periodSeconds": 5}
+                    for kind, delay in (("liveness", 60), ("readiness", 20))
+                }
+                pre_stop = None if con.get("lifecycle") else ["/bin/sh", "-c", "/bin/sleep 10"]
+                found = Container(cname, con.get("image", ""), env, ports, probe, user, probes, pre_stop, dropped)
+                pod_labels = (cspec.get("metadata") or {}).get("labels") or {}
+        predictors.append(Predictor(p.get("name", ""), int(p.get("traffic") or 0), bool(p.get("shadow")), graph.get("name", ""), pod_labels, found))
+    gateway = annotations.get("seldon.io/istio-gateway", chart.gateway)
+    hosts = [h.strip() for h in annotations.get("seldon.io/istio-host", "*").split(",")]
+    return Deployment(name, namespace, gateway, hosts, predictors)
+
+
+# --- the image ------------------------------------------------------------------------------------
+
+
+def image_config(root: Path) -> tuple[dict[str, str], int | None]:
+    """The serving image's ENV and numeric USER, read from the Dockerfile (`ENV A=1 \\` lines)."""
+    path = root / DOCKERFILE
+    if not path.is_file():
+        return {}, None
+    text = re.sub(r"\\\n", " ", path.read_text())
+    env: dict[str, str] = {}
+    user = None
+    for line in text.splitlines():
+        words = line.split(None, 1)
+        if len(words) == 2 and words[0] == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", words[1])))
+        elif len(words) == 2 and words[0] == "USER" and words[1].strip().isdigit():
+            user = int(words[1])
+    return env, user
+
+
+def server_settings(root: Path) -> dict:
+    path = root / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def served_metrics(container: Container, image_env: dict[str, str], settings: dict) -> tuple[int, str]:
+    """Where MLServer serves its metrics in the pod: settings.json first, then the env, then its defaults."""
+    env = container.environment(image_env)
+    port = settings.get("metrics_port") or env.get("MLSERVER_METRICS_PORT") or 8082
+    path = settings.get("metrics_endpoint") or env.get("MLSERVER_METRICS_ENDPOINT") or "/metrics"
+    return int(port), path
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def _where(data: dict) -> str:
+    meta = data.get("metadata") or {}
+    return f"{data.get('kind', '?')}/{meta.get('name', '?')}"
+
+
+def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
+    ns, _, name = dep.gateway.rpartition("/")
+    ns = ns or dep.namespace
+    gateways = [o for o in objects if o.get("kind") == "Gateway" and (o.get("metadata") or {}).get("name") == name
+                and (o.get("metadata") or {}).get("namespace") == ns]  # fmt: skip
+    if not gateways:
+        return [f"the VirtualService the operator makes binds to the Istio Gateway {ns}/{name}, which nothing here creates: no request reaches the model"]
+    gw = (gateways[0].get("spec") or {})
+    selector = gw.get("selector") or {}
+    pods = []
+    for release in (o for o in objects if o.get("kind") == "HelmRelease" and _chart_name(o) == ISTIO_GATEWAY_CHART):
+        # istio 1.26.8 manifests/charts/gateway/templates/_helpers.tpl 1-7, 18-21: labels app=<name>, istio=<name minus "istio-">
+        rel = release.get("spec") or {}
+        gname = (rel.get("values") or {}).get("name") or rel.get("releaseName") or release["metadata"]["name"]
+        labels = {"app": gname, "istio": gname.removeprefix("istio-"), **((rel.get("values") or {}).get("labels") or {})}
+        pods.append(labels)
+    problems = []
+    if not any(selector and all(lbl.get(k) == v for k, v in selector.items()) for lbl in pods):
+        problems.append(f"Gateway {ns}/{name} selects {selector}, which no Istio gateway chart release here labels its pods with ({pods or 'none'})")
+    servers = [s for s in gw.get("servers") or [] if str((s.get("port") or {}).get("protocol", "")).upper() in ("HTTP", "HTTP2", "HTTPS")]
+    hosts = {h.rpartition("/")[2] for s in servers for h in s.get("hosts") or []}
+    if not servers:
+        problems.append(f"Gateway {ns}/{name} has no HTTP server: neither REST nor gRPC (HTTP/2) gets in")
+    elif not all(h in hosts or "*" in hosts for h in dep.hosts):
+        problems.append(f"Gateway {ns}/{name} serves hosts {sorted(hosts)}, not the VirtualService's {dep.hosts}")
+    return problems
+
+
+def deployment_problems(dep: Deployment, chart: Chart, image_env: dict[str, str], image_user: int | None, settings: dict) -> list[str]:
+    problems = []
+    names = {p.graph_name for p in dep.predictors}
+    if len(names) > 1:
+        problems.append(
+            f"predictors serve different model names {sorted(names)}: the executor calls /v2/models/<the client's name> on "
+            "whichever predictor Istio picked, so a client's name is missing from the others; give every predictor the same name"
+        )
+    for p in dep.predictors:
+        con = p.container
+        at = f"predictor '{p.name}'"
+        if con is None:
+            problems.append(f"{at}: no container is named like the graph node '{p.graph_name}', so the operator pairs none with it")
+            continue
+        problems += [f"{at}: {d}" for d in con.dropped_env]
+        env = con.environment(image_env)
+        if env.get("MLSERVER_MODEL_NAME") != p.graph_name:
+            problems.append(f"{at}: MLServer would serve '{env.get('MLSERVER_MODEL_NAME')}', not the graph's '{p.graph_name}'")
+        if con.readiness_path not in (None, f"/v2/models/{p.graph_name}/ready"):
+            problems.append(f"{at}: readinessProbe asks {con.readiness_path}, but the pod serves '{p.graph_name}'")
+        if con.run_as_user not in (None, image_user):  # None: the image's USER
+            problems.append(f"{at}: the pod runs as uid {con.run_as_user}, not the image's user {image_user}: set spec.securityContext.runAsUser")
+        port, _ = served_metrics(con, image_env, settings)
+        declared = {v: k for k, v in con.ports.items()}
+        if declared.get(port) not in (chart.metrics_port_name, seldon.METRICS_PORT_NAME):
+            problems.append(f"{at}: MLServer serves metrics on {port}, which no port named {seldon.METRICS_PORT_NAME!r} declares")
+    return problems
+
+
+def podmonitor_problems(objects: list[dict], deployments: list[Deployment], image_env: dict[str, str], settings: dict) -> list[tuple[str, str]]:
+    """Each PodMonitor endpoint that selects model pods must scrape where their MLServer serves metrics."""
+    out = []
+    for pm in (o for o in objects if o.get("kind") == "PodMonitor"):
+        selector = (pm.get("spec") or {}).get("selector") or {}
+        keys = [e.get("key", "") for e in selector.get("matchExpressions") or []] + list(selector.get("matchLabels") or {})
+        if not any(k.startswith(seldon.LABEL) for k in keys):
+            continue
+        for i, ep in enumerate(pm["spec"].get("podMetricsEndpoints") or []):
+            missed = []
+            for dep in deployments:
+                for p in dep.predictors:
+                    if p.container is None:
+                        continue
+                    port, path = served_metrics(p.container, image_env, settings)
+                    if p.container.ports.get(ep.get("port")) != port or ep.get("path", "/metrics") != path:
+                        missed.append(f"{dep.name}/{p.name} serves them on {port} at {path}")
+            if missed:
+                out.append((_where(pm), f"podMetricsEndpoints[{i}]: port '{ep.get('port')}' path '{ep.get('path', '/metrics')}' misses MLServer's metrics: {'; '.join(missed)}"))
+    return out
+
+
+def problems(objects: list[dict], root: Path) -> list[tuple[str, str]]:
+    """One environment's rendered objects: (Kind/name, problem) for what would fail once the operator,
+    the executor and Istio act on them."""
+    sdeps = [o for o in objects if o.get("kind") == "SeldonDeployment"]
+    if not sdeps:
+        return []
+    chart = Chart.of(objects)
+    if not chart.found:
+        return [(_where(sdeps[0]), f"no {CHART} HelmRelease: nothing turns SeldonDeployments into pods")]
+    out = []
+    if not chart.istio_enabled:
+        out.append((f"HelmRelease/{CHART}", "values.istio.enabled is not true: the operator makes no VirtualService, so no traffic gets in or is split"))
+    image_env, image_user = image_config(root)
+    settings = server_settings(root)
+    deployments = [derive(s, chart) for s in sdeps]
+    for sdep, dep in zip(sdeps, deployments):
+        found = deployment_problems(dep, chart, image_env, image_user, settings)
+        if chart.istio_enabled:
+            found += gateway_problems(objects, dep)
+        out += [(_where(sdep), p) for p in found]
+    return out + podmonitor_problems(objects, deployments, image_env, settings)
+
+
+def local_only(spec) -> list[str]:
+    """What the spec asks for that the local router does and a cluster does not (README, "In a cluster")."""
+    notes = []
+    for name, model in sorted(spec.models.items()):
+        if model.fallback:
+            notes.append(
+                f"models.{name}.fallback: local only; in a cluster Istio keeps sending a failed variant's share to its "
+                "not-ready pods, which answer 503"
+            )
+    return notes
+
+
+def describe(objects: list[dict], root: Path) -> list[dict]:
+    """What each SeldonDeployment becomes, for `mlops cluster`."""
+    chart = Chart.of(objects)
+    image_env, _ = image_config(root)
+    settings = server_settings(root)
+    out = []
+    for sdep in (o for o in objects if o.get("kind") == "SeldonDeployment"):
+        dep = derive(sdep, chart)
+        mirror = dep.mirror
+        out.append({
+            "seldonDeployment": f"{dep.namespace}/{dep.name}",
+            "ingress": {
+                "gateway": dep.gateway,
+                "rest": f"http://<ingress>{dep.http_prefix}v2/models/{dep.predictors[0].graph_name if dep.predictors else '?'}/infer",
+                "grpc": {"headers": dep.grpc_headers, "model_name": dep.predictors[0].graph_name if dep.predictors else "?"},
+                "weights": dict(dep.routes),
+                **({"mirror": {"predictor": mirror[0], "percent": mirror[1]}} if mirror else {}),
+            },
+            "predictors": [
+                {
+                    "name": p.name,
+                    "model": p.graph_name,
+                    **({
+                        "ports": p.container.ports,
+                        "metrics": dict(zip(("port", "path"), served_metrics(p.container, image_env, settings))),
+                        "runAsUser": p.container.run_as_user,
+                        "probes": p.container.probes,
+                        "preStop": p.container.pre_stop,
+                        "env": dict(p.container.env),
+                    } if p.container else {}),
+                }
+                for p in dep.predictors
+            ],
+        })  # fmt: skip
+    return out

@@ -1,0 +1,156 @@
+"""One environment of the cluster, run here: real MLServer pods as Seldon's operator makes them, behind
+the ingress + executor stand-in (cluster_standin.py), all derived from the rendered manifests.
+
+A pod is the model container of one predictor: `mlserver start` on a folder holding only the image's
+settings.json (the Dockerfile copies model-settings/settings.json to /app/server), with the image's
+ENV, then the `mlflow-credentials` secret (envFrom), then the container's env as the operator leaves
+it (mlops.cluster.derive): so MLServer picks its model name, ports, metrics port and path exactly
+as in the cluster. Two things differ, because pods here share one machine: each binds its own
+loopback address (MLSERVER_HOST; in Kubernetes it binds 0.0.0.0 in a network namespace of its own,
+with the same ports) and gets its own metrics folder (the image's /tmp is the pod's own). The
+registry is the test's (the secret's MLFLOW_TRACKING_URI). The uid is not reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import REPO, free_port, stop_group
+from mlops import cluster, seldon
+from mlops.prometheus import scrape_job
+from mlops.serve import mlserver_command
+from mlops.validate import rendered_environments
+
+POD_NET = "127.0.77."  # pod i gets POD_NET + (i + 1)
+STANDIN = Path(__file__).with_name("cluster_standin.py")
+
+
+@dataclass
+class Pod:
+    deployment: str
+    predictor: cluster.Predictor
+    ip: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def container(self) -> cluster.Container:
+        return self.predictor.container
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.predictor.labels
+
+    def address(self, port_name: str) -> str:
+        return f"{self.ip}:{self.container.ports[port_name]}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def scrape_job(self, podmonitor: dict, relabel_configs: list[dict]) -> dict:
+        """What prometheus-operator makes of the PodMonitor for this pod: the endpoint's port name
+        looked up in the pod's container ports, its path, the pod's labels as meta labels."""
+        (endpoint,) = podmonitor["spec"]["podMetricsEndpoints"]
+        port = self.container.ports.get(endpoint["port"])
+        assert port is not None, f"PodMonitor port {endpoint['port']!r} is not a port of {self.deployment}/{self.predictor.name}"
+        meta = {f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in self.labels.items()}
+        meta.update(__meta_kubernetes_namespace=seldon.NAMESPACE, __meta_kubernetes_pod_name=f"{self.deployment}-{self.predictor.name}-0")
+        job = scrape_job(f"{self.deployment}-{self.predictor.name}", [f"{self.ip}:{port}"], meta, relabel_configs)
+        job["metrics_path"] = endpoint.get("path", "/metrics")
+        return job
+
+
+def _sanitize(label: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in label)
+
+
+class Cluster:
+    """The pods of `models` in environment `env` and the stand-in in front of them."""
+
+    def __init__(self, workdir: Path, tracking_uri: str, env: str = "dev", models: tuple[str, ...] = ("iris", "wine")):
+        self.workdir = workdir
+        self.objects = rendered_environments(REPO)[env]
+        self.chart = cluster.Chart.of(self.objects)
+        self.image_env, _ = cluster.image_config(REPO)
+        sdeps = [o for o in self.objects if o.get("kind") == "SeldonDeployment" and o["metadata"]["name"] in models]
+        self.deployments = {s["metadata"]["name"]: cluster.derive(s, self.chart) for s in sdeps}
+        self.pods: list[Pod] = []
+        self.standin: subprocess.Popen | None = None
+        server_dir = workdir / "app-server"  # the image's /app/server
+        server_dir.mkdir()
+        (server_dir / "settings.json").write_text((REPO / cluster.SETTINGS_FILE).read_text())
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MLSERVER_"))}
+        secret = {"MLFLOW_TRACKING_URI": tracking_uri}  # envFrom: mlflow-credentials
+        for name, dep in sorted(self.deployments.items()):
+            for pred in dep.predictors:
+                ip = f"{POD_NET}{len(self.pods) + 1}"
+                tmp = workdir / f"{name}-{pred.name}-tmp"
+                tmp.mkdir()
+                env = {**base, **self.image_env, **secret, **pred.container.environment({})}
+                env["MLSERVER_HOST"] = ip
+                env["MLSERVER_METRICS_DIR"] = str(tmp / Path(self.image_env.get("MLSERVER_METRICS_DIR", "/tmp/m")).name)
+                env["TMPDIR"] = str(tmp)
+                log = workdir / f"{name}-{pred.name}.log"
+                with open(log, "w") as out:
+                    proc = subprocess.Popen(mlserver_command(server_dir), cwd=server_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                self.pods.append(Pod(name, pred, ip, proc, log))
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        for pod in self.pods:
+            url = f"http://{pod.address('http')}{pod.container.readiness_path}"
+            while True:
+                if pod.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"pod {pod.deployment}/{pod.predictor.name} not ready at {url}:\n{pod.output()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.5)
+
+    def start_standin(self) -> None:
+        self.http, self.grpc = free_port(), free_port()
+        config = {"http_port": self.http, "grpc_port": self.grpc, "deployments": []}
+        for name, dep in self.deployments.items():
+            pods = {p.predictor.name: p for p in self.pods if p.deployment == name}
+            config["deployments"].append({
+                "gateway_ok": not cluster.gateway_problems(self.objects, dep),
+                "http_prefix": dep.http_prefix,
+                "grpc_headers": dep.grpc_headers,
+                "routes": dep.routes,
+                "mirror": dep.mirror,
+                "predictors": {n: {"graph": p.predictor.graph_name, "http": p.address("http"), "grpc": p.address("grpc")} for n, p in pods.items()},
+            })  # fmt: skip
+        path = self.workdir / "standin.json"
+        path.write_text(json.dumps(config))
+        self.standin_log = self.workdir / "standin.log"
+        out = open(self.standin_log, "w")
+        self.standin = subprocess.Popen([sys.executable, str(STANDIN), str(path)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while "ready" not in self.standin_log.read_text():
+            if self.standin.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"ingress stand-in did not start:\n{self.standin_log.read_text()}")
+            time.sleep(0.1)
+
+    def rest_url(self, deployment: str) -> str:
+        """tritonclient's url (host:port/base-path) for a deployment through the ingress."""
+        return f"127.0.0.1:{self.http}{self.deployments[deployment].http_prefix.rstrip('/')}"
+
+    def grpc_headers(self, deployment: str) -> dict[str, str]:
+        return self.deployments[deployment].grpc_headers
+
+    def pods_of(self, deployment: str) -> list[Pod]:
+        return [p for p in self.pods if p.deployment == deployment]
+
+    def stop(self) -> None:
+        if self.standin is not None:
+            stop_group(self.standin)
+        for pod in self.pods:
+            stop_group(pod.proc)
