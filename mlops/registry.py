@@ -166,5 +166,38 @@ def resolve(spec: DeploymentSpec, registry: Registry, spec_name: str = "deployme
                     shadow=variant.shadow,
                 )
             )
+        _check_one_interface(client, registry, f"{spec_name}: models.{mname}.variants", variants)
         resolved[mname] = variants
     return resolved
+
+
+def _signature_inputs(client, registry: Registry, v: ResolvedVariant) -> str | None:
+    """The version's MLflow signature inputs (the MLmodel file's JSON string), None without one."""
+    import mlflow.artifacts
+    import yaml
+
+    uri = client.get_model_version_download_uri(v.model, v.version).rstrip("/") + "/MLmodel"
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=registry.tracking_uri)
+        return ((yaml.safe_load(Path(path).read_text()) or {}).get("signature") or {}).get("inputs")
+    except Exception as exc:  # noqa: BLE001 - the runtime reports an unreadable artifact when it loads it
+        logging.getLogger(__name__).debug("no signature for %s: %s", uri, exc)
+        return None
+
+
+def _check_one_interface(client, registry: Registry, where: str, variants: list[ResolvedVariant]) -> None:
+    """A public name answers from any of its variants, so they must take the same inputs."""
+    if len({v.version for v in variants}) < 2:
+        return
+    seen: dict[str, ResolvedVariant] = {}
+    for v in variants:
+        inputs = _signature_inputs(client, registry, v)
+        if inputs is not None:
+            seen.setdefault(inputs, v)
+    if len(seen) > 1:
+        (a_inputs, a), (b_inputs, b) = list(seen.items())[:2]
+        raise SpecError(
+            f"{where}: variants take different inputs, so '{a.model}' would have no one interface: "
+            f"{a.name} (version {a.version}) takes {a_inputs}, {b.name} (version {b.version}) takes {b_inputs}; "
+            "serve a model with other inputs under a name of its own"
+        )

@@ -34,6 +34,7 @@ ROUTER = "runtimes.router.RouterRuntime"
 # runtime's per-request limit of 1,000,000 FP64 values takes (runtimes/registry_sklearn.py).
 SERVER_SETTINGS = {
     "debug": False,
+    "extensions": ["binary_tensor_data"],  # runtimes/binary.py; server metadata lists it
     "grpc_max_message_length": 16 * 1024 * 1024,
     "gzip_enabled": False,
     "load_models_at_startup": True,

@@ -235,6 +235,9 @@ class RegistrySKLearnRuntime(ReportedModel):
         self._columns = signature.ColumnDecoder(columns, self._max_values) if columns else None
         self._coalescer = Coalescer(self._model, prepare=self._columns.frame if self._columns else None)
         self.inputs = signature.column_metadata(columns) if columns else signature.tensor_metadata(mlmodel)
+        self.outputs = signature.output_metadata(mlmodel, self._has_proba, getattr(self._model, "classes_", None))
+        self._settings.platform = "sklearn" if "sklearn" in (mlmodel.get("flavors") or {}) else "mlflow_pyfunc"
+        self._settings.versions = [self.version] if self.version else []
         # A full collection walks every object that MLflow, pandas and scikit-learn allocated on
         # import: 200+ ms here, stalling every request in flight. What is alive now lives as long
         # as the model, so the collector stops visiting it.

@@ -12,9 +12,13 @@ to MLServer's `DataPlane.infer`, keeping what a client and an SRE see:
 - metrics: `rest_server_requests_total`, `rest_server_request_duration_seconds` and
   `rest_server_requests_in_progress`, same names and labels as starlette_exporter's.
 
-A request this path cannot take exactly as MLServer would (a body that does not parse as an
-`InferenceRequest`, another content type or encoding, a root path) goes through MLServer's app, so
-its answer, including FastAPI's 422 detail, is MLServer's own. So does every request when the server
+It also takes what MLServer 1.7.1 cannot: the binary tensor data extension (runtimes/binary.py),
+which tritonclient uses by default, and a V2 JSON body sent as curl's default form type (read as
+JSON, or a 400 that says to set the header, instead of FastAPI's dump about dictionaries).
+
+Any other request this path cannot take exactly as MLServer would (a JSON body that does not parse
+as an `InferenceRequest`, another content type or encoding, a root path) goes through MLServer's
+app, so its answer, including FastAPI's 422 detail, is MLServer's own. So does every request when the server
 adds middleware this path does not reproduce (GZip, CORS, tracing), or when
 MLOPS_REST_FAST_PATH=0.
 """
@@ -37,11 +41,14 @@ from mlserver.utils import extract_headers, insert_headers
 from pydantic import ValidationError
 from starlette_exporter import PrometheusMiddleware
 
+from . import binary
+
 logger = logging.getLogger("mlserver.rest")
 
 SWITCH = "MLOPS_REST_FAST_PATH"
 INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 ROUTES = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
+FORM = "application/x-www-form-urlencoded"
 _ATTR = "_mlops_fast_infer"  # per app: the FastInfer, or False where MLServer's stack must answer
 
 
@@ -52,6 +59,10 @@ class FastInfer:
         self._mlserver_app = mlserver_app  # what answers the requests this path hands back
         self._in_progress = exporter.requests_in_progress.labels("POST", exporter.app_name) if exporter else None
         self._children: dict[tuple[str, int], tuple] = {}  # (route, status) -> labelled counter, histogram
+        # Behind Seldon's executor (the operator sets SELDON_EXECUTOR_ENABLED) binary outputs would not reach the
+        # client: it passes on no response header but Content-Type and HTML-escapes the body (seldon-core
+        # v1.18.2 executor/api/rest/server.go 80-92, client.go 67-89). JSON outputs do, and tritonclient reads them.
+        self._binary_outputs = os.environ.get("SELDON_EXECUTOR_ENABLED", "").lower() != "true"
 
     @classmethod
     def of(cls, app: FastAPI, mlserver_app) -> FastInfer | None:
@@ -81,10 +92,24 @@ class FastInfer:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        refused = None  # a 400 this path answers itself: MLServer's app could not read the body at all
+        binary_outputs: set[str] | bool = False
         try:  # as MLServer reads it: orjson (no NaN, no 1e999), then the model from Python objects
-            payload = InferenceRequest.model_validate(orjson.loads(body))
-        except (orjson.JSONDecodeError, ValidationError):
-            return await self._mlserver_app(scope, _replay(body, receive), send)
+            if (length := headers.get(binary.HEADER)) is not None:
+                request = binary.read_request(body, length)
+            else:
+                request = orjson.loads(body)
+            payload = InferenceRequest.model_validate(request)
+            binary_outputs = binary.wanted(request) if self._binary_outputs else False
+        except binary.BinaryError as exc:
+            refused = f"binary tensor data: {exc}"
+        except (orjson.JSONDecodeError, ValidationError) as exc:
+            if binary.HEADER in headers:
+                refused = f"not a V2 inference request: {str(exc).splitlines()[0]}"
+            elif _media(headers) == FORM:
+                refused = "the body is not a V2 JSON inference request; send it with Content-Type: application/json"
+            else:
+                return await self._mlserver_app(scope, _replay(body, receive), send)
 
         name, version = match.groups()
         start = time.perf_counter()
@@ -92,17 +117,27 @@ class FastInfer:
         if self._in_progress:
             self._in_progress.inc()
         try:
-            insert_headers(payload, headers)
             extra = None
-            try:
-                response = await self._data_plane.infer(payload, name, version)
-                extra = extract_headers(response)
-                content = encode_to_json_bytes(response.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True))
-                status = 200
-            except MLServerError as exc:
-                content = encode_to_json_bytes({"error": str(exc)})
-                status = exc.status_code
-            raw = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json")]
+            raw = [(b"content-type", b"application/json")]
+            if refused is not None:
+                content, status = encode_to_json_bytes({"error": refused}), 400
+            else:
+                insert_headers(payload, headers)
+                try:
+                    response = await self._data_plane.infer(payload, name, version)
+                    extra = extract_headers(response)
+                    answer = response.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)
+                    if binary_outputs:
+                        content, header_length = binary.write_response(answer, binary_outputs)
+                        if header_length is not None:
+                            raw = [(b"content-type", b"application/octet-stream"), (binary.HEADER.encode(), str(header_length).encode())]
+                    else:
+                        content = encode_to_json_bytes(answer)
+                    status = 200
+                except MLServerError as exc:
+                    content = encode_to_json_bytes({"error": str(exc)})
+                    status = exc.status_code
+            raw.append((b"content-length", str(len(content)).encode()))
             if extra:
                 raw += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in extra.items()]
             await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -144,10 +179,18 @@ def _takes(scope) -> tuple[re.Match, dict[str, str]] | None:
     headers: dict[str, str] = {}
     for k, v in scope["headers"]:  # as dict(starlette Headers): the first of repeated names
         headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
-    media = headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
-    if "content-encoding" in headers or not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+    if "content-encoding" in headers:
+        return None
+    media = _media(headers)
+    # JSON; curl's default form type (a V2 body sent without -H 'Content-Type: application/json'),
+    # which MLServer would answer with FastAPI's dump about dictionaries; binary tensor data, whatever type it names.
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json")) or media == FORM or binary.HEADER in headers):
         return None
     return match, headers
+
+
+def _media(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
 
 
 def apply() -> None:

@@ -35,7 +35,7 @@ import numpy as np
 from mlserver.errors import InferenceError
 from mlserver.model import MLModel
 from mlserver.settings import ModelParameters, ModelSettings
-from mlserver.types import InferenceRequest, InferenceResponse, Parameters
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
 from . import metrics
 from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, ReportedModel
@@ -103,8 +103,11 @@ class RouterRuntime(ReportedModel):
                 failed.append(spec["name"])
         self._live = [v for v in self._variants if not v.shadow]
         self._shadows = [v for v in self._variants if v.shadow]
-        if self._live:  # the public name takes what its variants take (from the first live one's signature)
-            self.inputs = self._live[0].model.inputs
+        if self._live:  # the public name takes and gives what its variants do (the first live one's signature)
+            first = self._live[0].model
+            self.inputs, self.outputs = first.inputs, first.outputs
+            self._settings.platform = first.settings.platform
+        self._settings.versions = sorted({v.version for v in self._variants}, key=lambda s: (len(s), s))
         total = sum(v.weight for v in self._live)
         if not total:
             after = f" after {', '.join(failed)} failed to load" if failed else ""
@@ -149,6 +152,20 @@ class RouterRuntime(ReportedModel):
             self._metrics.requests.labels(self.name, spec["name"], role, "load_error").inc()
             return None
         return model
+
+    async def metadata(self) -> MetadataModelResponse:
+        """MLServer's, plus the variants in effect: `variants` (names, live first) and `weight.<name>`/`version.<name>`."""
+        meta = await super().metadata()
+        live, variants = getattr(self, "_live", []), getattr(self, "_variants", [])  # none before a load succeeds
+        params = {"variants": ",".join(v.name for v in sorted(variants, key=lambda v: v.shadow))}
+        for v in live:
+            params[f"weight.{v.name}"] = v.weight
+        for v in variants:
+            params[f"version.{v.name}"] = v.version
+            if v.shadow:
+                params[f"shadow.{v.name}"] = True
+        meta.parameters = Parameters(**params)
+        return meta
 
     def choose(self, key: str | None) -> Variant:
         b = bucket(key) if key is not None else random.randrange(BUCKETS)

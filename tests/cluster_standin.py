@@ -18,8 +18,9 @@ predictor_process.go 87-92, 470-484; api/rest/client.go 266-280; api/grpc/kfserv
   the body to `/v2/models/<name>/infer` on the model unchanged; `GET /v2/models/{name}/ready` and
   `GET /v2/models/{name}` only for the graph node's name (else 500 "Failed to find model"); `GET
   /v2/health/ready` as a TCP check of the model's port; anything else 404. Headers pass on but
-  Content-Type, which it sets from the request; a model's non-200 answer keeps its status and body,
-  without the model's Content-Type (Go's http sniffs the body instead).
+  Content-Type, which it sets from the request. The answer keeps the model's status and body, HTML-escaped
+  (json.HTMLEscape, api/rest/client.go 67-89), and of its headers only Content-Type, on a 200 alone
+  (server.go 80-117; on an error Go's http sniffs the body instead).
 - gRPC: ModelInfer forwards model_name unchanged; ModelReady and ModelMetadata only for the graph
   node's name (else UNKNOWN "Failed to find model"); ServerLive, ServerReady, ServerMetadata and the
   rest panic "Not Implemented", and with no recovery interceptor (api/grpc/server.go 57-61) the panic
@@ -47,6 +48,13 @@ V2_READY = re.compile(r"^/v2/models/([^/]+)/ready$")
 V2_META = re.compile(r"^/v2/models/([^/]+)$")
 SNIFFED = "text/plain; charset=utf-8"
 HOP = {"host", "content-length", "transfer-encoding", "connection", "content-type"}
+
+
+def _html_escape(data: bytes) -> bytes:
+    """Go's json.HTMLEscape, which the executor applies to every uncompressed body it passes back."""
+    for raw, escaped in ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"), ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029")):
+        data = data.replace(raw, escaped)
+    return data
 
 
 class Predictor:
@@ -130,6 +138,8 @@ class Standin:
         async with self.session.request(method, f"http://{pred.http}{path}", data=body, headers=out) as r:
             data = await r.read()
             ctype = r.headers.get("Content-Type", SNIFFED) if r.status == 200 else SNIFFED
+            if not r.headers.get("Content-Encoding"):
+                data = _html_escape(data)
             return web.Response(status=r.status, body=data, headers={"Content-Type": ctype})
 
     # --- gRPC --------------------------------------------------------------------------------------

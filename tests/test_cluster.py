@@ -148,3 +148,13 @@ def test_pods_serve_the_public_name_with_the_env_the_operator_leaves(cluster):
         assert env["MLSERVER_METRICS_ENDPOINT"] == "/prometheus"
         with urllib.request.urlopen(f"http://{pod.address('http')}/v2/models/{pod.deployment}", timeout=10) as r:
             assert r.status == 200
+
+
+def test_tritonclient_defaults_work_through_the_executor(cluster):
+    """Binary inputs pass the executor as they are; outputs come back as JSON, since it would drop the binary header."""
+    client = httpclient.InferenceServerClient(cluster.rest_url("iris"))
+    inp = httpclient.InferInput("input-0", [2, 4], "FP64")
+    inp.set_data_from_numpy(np.array([ROW["iris"], [6.7, 3.0, 5.2, 2.3]]))  # binary_data=True, tritonclient's default
+    result = client.infer("iris", [inp], outputs=[httpclient.InferRequestedOutput("predict"), httpclient.InferRequestedOutput("predict_proba")])
+    assert result.as_numpy("predict").reshape(-1).tolist() == [0, 2]
+    assert result.as_numpy("predict_proba").shape == (2, 3)

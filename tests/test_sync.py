@@ -206,3 +206,25 @@ def test_bad_trust_declaration_is_one_clear_line(tmp_path, case):
     path.write_text(BASE.replace("  wine:\n", "  wine:\n" + line))
     with pytest.raises(SpecError, match=pattern):
         load_spec(path)
+
+
+def test_variants_with_different_inputs_are_refused_naming_both(project):
+    """One public name, one interface: a version that takes 3 features cannot be a variant of a 4-feature iris."""
+    version = in_registry(
+        project,
+        "import mlflow, mlflow.sklearn, numpy as np\n"
+        "from mlflow.models import infer_signature\n"
+        "from sklearn.linear_model import LogisticRegression\n"
+        "mlflow.set_tracking_uri(client.tracking_uri)\n"
+        "X = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0]]); m = LogisticRegression().fit(X, [0, 1])\n"
+        f"exp = client.create_experiment('iris-narrow', artifact_location={(project / '.mlops' / 'narrow').as_uri()!r})\n"
+        "with mlflow.start_run(experiment_id=exp):\n"
+        "    info = mlflow.sklearn.log_model(m, name='model', signature=infer_signature(X, m.predict(X)), registered_model_name='iris')\n"
+        "print(info.registered_model_version)",
+    ).splitlines()[-1]
+    before = generated(project)
+    (project / "deployments.yaml").write_text(BASE.replace("challenger: {alias: challenger, weight: 20}", f"challenger: {{version: {version}, weight: 20}}"))
+    proc = mlops(project, "sync")
+    assert proc.returncode != 0
+    assert re.search(rf"deployments.yaml: models.iris.variants: variants take different inputs.*challenger \(version {version}\) takes .*-1, 3", proc.stderr), proc.stderr
+    assert generated(project) == before
