@@ -30,6 +30,9 @@ out = Console()
 HttpPort = Annotated[int, typer.Option(help="REST (V2 inference protocol) port.")]
 GrpcPort = Annotated[int, typer.Option(help="gRPC (V2 inference protocol) port.")]
 MetricsPort = Annotated[int, typer.Option(help="Prometheus metrics port.")]
+Host = Annotated[
+    str, typer.Option(envvar="MLSERVER_HOST", help="Interface to listen on. 0.0.0.0 serves every network this machine is on, unauthenticated.")
+]
 
 
 def project_root() -> Path:
@@ -141,12 +144,12 @@ def sync(
 
 
 @app.command()
-def serve(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082) -> None:
+def serve(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082, host: Host = "127.0.0.1") -> None:
     """Start MLServer on model-settings/ in the foreground: REST, gRPC and metrics, every model at once."""
-    _serve(http_port, grpc_port, metrics_port)
+    _serve(http_port, grpc_port, metrics_port, host)
 
 
-def _serve(http_port: int, grpc_port: int, metrics_port: int, prometheus_port: int | None = None) -> None:
+def _serve(http_port: int, grpc_port: int, metrics_port: int, host: str, prometheus_port: int | None = None) -> None:
     from .prometheus import PrometheusError
     from .serve import Ports
     from .serve import serve as run
@@ -156,7 +159,7 @@ def _serve(http_port: int, grpc_port: int, metrics_port: int, prometheus_port: i
     if not (settings / "settings.json").is_file():
         fail(f"{settings} has no generated settings; run `mlops sync` first")
     try:
-        code = run(settings, default_registry(root), Ports(http_port, grpc_port, metrics_port), echo=typer.echo, prometheus_port=prometheus_port)
+        code = run(settings, default_registry(root), Ports(http_port, grpc_port, metrics_port, host), echo=typer.echo, prometheus_port=prometheus_port)
     except PrometheusError as exc:
         fail(str(exc))
     raise typer.Exit(code)
@@ -167,6 +170,7 @@ def up(
     http_port: HttpPort = 8080,
     grpc_port: GrpcPort = 8081,
     metrics_port: MetricsPort = 8082,
+    host: Host = "127.0.0.1",
     with_prometheus: Annotated[
         bool,
         typer.Option("--with-prometheus", help="Also run Prometheus (Debian's `prometheus`) scraping the server, with the alert rules loaded."),
@@ -199,7 +203,7 @@ def up(
     if missing:
         _train(missing)
     _sync(check=False)
-    _serve(http_port, grpc_port, metrics_port, prometheus_port if with_prometheus else None)
+    _serve(http_port, grpc_port, metrics_port, host, prometheus_port if with_prometheus else None)
 
 
 @app.command("registry-server", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

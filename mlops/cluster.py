@@ -64,6 +64,7 @@ EXECUTOR_GRPC_PORT = 5001  # operator/controllers/seldondeployment_engine.go 45
 GRPC_PATH_REGEX = ".*tensorflow.*|.*seldon.protos.*|.*inference.*"
 # Names the operator sets with SetEnvVar(..., override=false): one already in the manifest drops the whole env.
 TRAP_ENV = ("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", "MLSERVER_HTTP_PORT", "PREDICTIVE_UNIT_GRPC_SERVICE_PORT", "MLSERVER_GRPC_PORT")
+DRAIN_SECONDS = 30  # after SIGTERM, for the requests a pod accepted before Istio stopped routing to it
 ISTIO_GATEWAY_CHART = "gateway"  # istio/istio manifests/charts/gateway
 SETTINGS_FILE = Path("model-settings") / "settings.json"  # copied into the image as /app/server/settings.json
 DOCKERFILE = "Dockerfile"
@@ -119,6 +120,7 @@ class Container:
     run_as_user: int | None  # None: the image's USER
     probes: dict[str, dict]  # liveness/readiness as the pod runs them: ours, or the operator's TCP defaults
     pre_stop: list[str] | None  # the operator's `sleep 10` where the manifest has no lifecycle
+    grace_seconds: int = 30  # the pod's terminationGracePeriodSeconds (Kubernetes' default 30)
     dropped_env: list[str] = field(default_factory=list)  # manifest env the operator threw away, and why
 
     def environment(self, image_env: dict[str, str]) -> dict[str, str]:
@@ -238,7 +240,7 @@ def derive(sdep: dict, chart: Chart) -> Deployment:
                     for kind, delay in (("liveness", 60), ("readiness", 20))
                 }
                 pre_stop = None if con.get("lifecycle") else ["/bin/sh", "-c", "/bin/sleep 10"]
-                found = Container(cname, con.get("image", ""), env, ports, probe, user, probes, pre_stop, dropped)
+                found = Container(cname, con.get("image", ""), env, ports, probe, user, probes, pre_stop, int(pod.get("terminationGracePeriodSeconds", 30)), dropped)
                 pod_labels = (cspec.get("metadata") or {}).get("labels") or {}
         predictors.append(Predictor(p.get("name", ""), int(p.get("traffic") or 0), bool(p.get("shadow")), graph.get("name", ""), pod_labels, found))
     gateway = annotations.get("seldon.io/istio-gateway", chart.gateway)
@@ -315,6 +317,25 @@ def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
     return problems
 
 
+def scaling_problems(sdep: dict) -> list[str]:
+    """PDBs and HPAs as the operator makes them (seldondeployment_controller.go 189-232, 508-526)."""
+    problems = []
+    specs = [(p.get("name"), c) for p in (sdep.get("spec") or {}).get("predictors") or [] for c in p.get("componentSpecs") or []]
+    with_pdb = [name for name, c in specs if c.get("pdbSpec")]
+    if len(with_pdb) > 1:
+        problems.append(
+            f"pdbSpec on predictors {', '.join(with_pdb)}: each PDB the operator makes selects every pod of the "
+            "SeldonDeployment, and the eviction API refuses pods under more than one, so node drains would stall; keep one"
+        )
+    for name, c in specs:
+        hpa = c.get("hpaSpec")
+        if hpa and any((m.get("resource") or {}).get("name") == "cpu" for m in hpa.get("metricsv2") or []):
+            requests = [((con.get("resources") or {}).get("requests") or {}).get("cpu") for con in (c.get("spec") or {}).get("containers") or []]
+            if not all(requests):
+                problems.append(f"predictor '{name}': hpaSpec scales on CPU utilization, which needs resources.requests.cpu on every container")
+    return problems
+
+
 def deployment_problems(dep: Deployment, chart: Chart, image_env: dict[str, str], image_user: int | None, settings: dict) -> list[str]:
     problems = []
     names = {p.graph_name for p in dep.predictors}
@@ -335,6 +356,12 @@ def deployment_problems(dep: Deployment, chart: Chart, image_env: dict[str, str]
             problems.append(f"{at}: MLServer would serve '{env.get('MLSERVER_MODEL_NAME')}', not the graph's '{p.graph_name}'")
         if con.readiness_path not in (None, f"/v2/models/{p.graph_name}/ready"):
             problems.append(f"{at}: readinessProbe asks {con.readiness_path}, but the pod serves '{p.graph_name}'")
+        stop = 10 if con.pre_stop else 0
+        if con.grace_seconds < stop + DRAIN_SECONDS:
+            problems.append(
+                f"{at}: terminationGracePeriodSeconds {con.grace_seconds} leaves {con.grace_seconds - stop} s after the preStop sleep; "
+                f"give MLServer at least {DRAIN_SECONDS} s to finish the requests it accepted"
+            )
         if con.run_as_user not in (None, image_user):  # None: the image's USER
             problems.append(f"{at}: the pod runs as uid {con.run_as_user}, not the image's user {image_user}: set spec.securityContext.runAsUser")
         port, _ = served_metrics(con, image_env, settings)
@@ -382,7 +409,7 @@ def problems(objects: list[dict], root: Path) -> list[tuple[str, str]]:
     settings = server_settings(root)
     deployments = [derive(s, chart) for s in sdeps]
     for sdep, dep in zip(sdeps, deployments):
-        found = deployment_problems(dep, chart, image_env, image_user, settings)
+        found = deployment_problems(dep, chart, image_env, image_user, settings) + scaling_problems(sdep)
         if chart.istio_enabled:
             found += gateway_problems(objects, dep)
         out += [(_where(sdep), p) for p in found]
@@ -429,6 +456,7 @@ def describe(objects: list[dict], root: Path) -> list[dict]:
                         "runAsUser": p.container.run_as_user,
                         "probes": p.container.probes,
                         "preStop": p.container.pre_stop,
+                        "terminationGracePeriodSeconds": p.container.grace_seconds,
                         "env": dict(p.container.env),
                     } if p.container else {}),
                 }

@@ -100,11 +100,11 @@ class Prometheus:
         self.log.close()
 
 
-def beside_server(workdir: Path, port: int, metrics_port: int) -> Prometheus:
+def beside_server(workdir: Path, port: int, metrics_port: int, metrics_host: str = "127.0.0.1") -> Prometheus:
     """Scrape the local MLServer's metrics port every 5 s and evaluate the serving alerts, ready to query."""
     from .dashboards import prometheus_rule
 
-    prom = Prometheus(workdir, port, [scrape_job("mlserver", [f"127.0.0.1:{metrics_port}"])], {"mlops-serving.yaml": rule_file(prometheus_rule())})
+    prom = Prometheus(workdir, port, [scrape_job("mlserver", [f"{metrics_host}:{metrics_port}"])], {"mlops-serving.yaml": rule_file(prometheus_rule())})
     try:
         prom.wait_ready()
     except PrometheusError:

@@ -62,6 +62,9 @@ METRICS_PORT_NAME = "model-metrics"
 PORTS = {"http": 8080, "grpc": 8081, METRICS_PORT_NAME: 8082}
 IMAGE_UID = 1000  # the Dockerfile's USER; set on the pod, or the operator runs it as the chart's defaultUserID (8888)
 EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a model's parameters.extra from it, as JSON
+# SIGTERM comes after the operator's 10 s preStop sleep (while Istio stops routing to the pod); what is
+# left must let MLServer finish the requests it accepted: mlops/cluster.py DRAIN_SECONDS.
+GRACE_SECONDS = 45
 
 
 def _dump(obj: dict) -> str:
@@ -107,6 +110,7 @@ def _predictor(v: ResolvedVariant, image: str, trust: Trust) -> dict:
     pod = {
         "containers": [_container(v, image, trust)],
         "securityContext": {"runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "runAsNonRoot": True},
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
     predictor = {
         "name": v.name,
@@ -135,7 +139,16 @@ def _patch(variants: list[ResolvedVariant], weights: dict[str, int], env: Enviro
         ops.append({"op": "test", "path": f"{at}/name", "value": v.name})
         if not v.shadow:
             ops.append({"op": "add", "path": f"{at}/traffic", "value": weights[v.name]})
-        ops.append({"op": "add", "path": f"{at}/replicas", "value": env.replicas})
+        if env.autoscale:
+            a = env.autoscale
+            metric = {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": a.cpu_percent}}}
+            hpa = {"minReplicas": a.min_replicas, "maxReplicas": a.max_replicas, "metricsv2": [metric]}
+            ops.append({"op": "add", "path": f"{at}/componentSpecs/0/hpaSpec", "value": hpa})
+        else:
+            ops.append({"op": "add", "path": f"{at}/replicas", "value": env.replicas})
+        if i == 0 and env.least_replicas > 1:
+            # One PDB per SeldonDeployment: the operator's selects every pod of it (mlops/cluster.py).
+            ops.append({"op": "add", "path": f"{at}/componentSpecs/0/pdbSpec", "value": {"maxUnavailable": 1}})
         resources = {"requests": {"cpu": env.cpu, "memory": env.memory}, "limits": {"memory": env.memory}}
         ops.append({"op": "add", "path": f"{at}/componentSpecs/0/spec/containers/0/resources", "value": resources})
     lines = (yaml.safe_dump(op, sort_keys=True, default_flow_style=True, width=1 << 16).strip() for op in ops)

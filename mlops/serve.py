@@ -20,11 +20,21 @@ from .registry import Registry
 from .sync import ROUTER
 
 
+LOOPBACK = "127.0.0.1"
+EVERY_INTERFACE = ("0.0.0.0", "::")
+
+
 @dataclass(frozen=True)
 class Ports:
     http: int = 8080
     grpc: int = 8081
     metrics: int = 8082
+    host: str = LOOPBACK  # the interface REST, gRPC and metrics listen on; loopback unless told otherwise
+
+    @property
+    def local(self) -> str:
+        """The address this machine reaches the server at."""
+        return LOOPBACK if self.host in EVERY_INTERFACE else self.host
 
 
 def mlserver_command(settings_dir: Path) -> list[str]:
@@ -43,6 +53,7 @@ def server_env(registry: Registry, ports: Ports, metrics_dir: str) -> dict[str, 
     """
     env = dict(os.environ)
     env.update(
+        MLSERVER_HOST=ports.host,
         MLSERVER_HTTP_PORT=str(ports.http),
         MLSERVER_GRPC_PORT=str(ports.grpc),
         MLSERVER_METRICS_PORT=str(ports.metrics),
@@ -116,16 +127,23 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def wait_ready(ports: Ports, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    return wait_for(f"http://127.0.0.1:{ports.http}/v2/health/ready", proc, timeout)
+    return wait_for(f"http://{ports.local}:{ports.http}/v2/health/ready", proc, timeout)
 
 
 def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url: str | None = None) -> str:
     models = served_models(settings_dir)
+    if ports.host == LOOPBACK:
+        reach = f"Listening on {LOOPBACK} only: this machine can call it, no other can (--host 0.0.0.0 serves every network)."
+    elif ports.host in EVERY_INTERFACE:
+        reach = f"Listening on every interface ({ports.host}): anyone who reaches this machine can call every model, unauthenticated."
+    else:
+        reach = f"Listening on {ports.host}."
     lines = [
         f"MLServer is ready with {len(models)} model(s): {', '.join(m['name'] for m in models)}",
-        f"  REST     http://127.0.0.1:{ports.http}/v2/models/<name>/infer",
-        f"  gRPC     127.0.0.1:{ports.grpc}  (inference.GRPCInferenceService)",
-        f"  metrics  http://127.0.0.1:{ports.metrics}/metrics",
+        reach,
+        f"  REST     http://{ports.local}:{ports.http}/v2/models/<name>/infer",
+        f"  gRPC     {ports.local}:{ports.grpc}  (inference.GRPCInferenceService)",
+        f"  metrics  http://{ports.local}:{ports.metrics}/metrics",
     ]
     if prometheus_url:
         lines.append(f"  Prometheus {prometheus_url}  (scrapes the metrics every 5 s; alerts at {prometheus_url}/alerts)")
@@ -135,7 +153,7 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url:
         name, body, _ = min(samples, key=lambda s: (s[2], len(s[1]["inputs"][0]["data"])))
         lines += [
             "Try:",
-            f"  curl -s http://127.0.0.1:{ports.http}/v2/models/{name}/infer "
+            f"  curl -s http://{ports.local}:{ports.http}/v2/models/{name}/infer "
             f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'",
         ]
     lines.append("Ctrl-C stops the server and Prometheus." if prometheus_url else "Ctrl-C stops the server.")
@@ -150,7 +168,7 @@ def serve(settings_dir: Path, registry: Registry, ports: Ports, echo=print, prom
             from .prometheus import beside_server
 
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlops-prometheus-"))
-            prom = beside_server(Path(workdir), prometheus_port, ports.metrics)
+            prom = beside_server(Path(workdir), prometheus_port, ports.metrics, ports.local)
             stack.callback(prom.stop)
         proc = subprocess.Popen(mlserver_command(settings_dir), env=server_env(registry, ports, metrics_dir))
         forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731

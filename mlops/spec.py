@@ -90,10 +90,35 @@ class Model(_Strict):
         return live
 
 
+class Autoscale(_Strict):
+    """A HorizontalPodAutoscaler per predictor (Seldon's hpaSpec), on CPU utilization of the requests."""
+
+    min_replicas: int = Field(ge=1)
+    max_replicas: int = Field(ge=1, le=100)
+    cpu_percent: int = Field(default=70, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _range(self) -> "Autoscale":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class Environment(_Strict):
     replicas: int = Field(default=1, ge=1)
     cpu: str = "250m"
     memory: str = "512Mi"
+    autoscale: Autoscale | None = None  # instead of a fixed `replicas`
+
+    @model_validator(mode="after")
+    def _one_scale(self) -> "Environment":
+        if self.autoscale is not None and "replicas" in self.model_fields_set:
+            raise ValueError("set either 'replicas' or 'autoscale', not both")
+        return self
+
+    @property
+    def least_replicas(self) -> int:
+        return self.autoscale.min_replicas if self.autoscale else self.replicas
 
 
 class DeploymentSpec(_Strict):

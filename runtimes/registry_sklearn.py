@@ -16,9 +16,11 @@ Model-settings `parameters.extra` knobs:
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import math
+import os
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -31,7 +33,7 @@ from mlserver.model import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 from mlserver.utils import get_model_uri
 
-from . import metrics, mlserver_patches, signature
+from . import integrity, metrics, mlserver_patches, signature
 from .batching import Coalescer
 
 PREDICT = "predict"
@@ -56,6 +58,25 @@ class ModelLoadError(MLServerError):
         super().__init__(msg, status_code=500)
 
 
+class RegistryUnavailable(ModelLoadError):
+    """The registry did not answer; the runtime tries again with backoff instead of giving up."""
+
+    retry_later = True  # tested by attribute: MLServer reloads runtime modules, so classes are not one identity
+
+
+def retry_later(exc: BaseException) -> bool:
+    return getattr(exc, "retry_later", False)
+
+
+# Unanswered registry calls fail at once and are retried by ReportedModel, which logs each try; MLflow's
+# own default retries an unreachable server for minutes inside one call.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "timed out", "Name or service not known",
+               "Temporary failure in name resolution", "status code 502", "status code 503", "status code 504")  # fmt: skip
+
+
 class RequestTooLarge(InferenceError):
     """A client error (413 over REST, RESOURCE_EXHAUSTED over gRPC) that the router counts as one."""
 
@@ -67,27 +88,37 @@ class RequestTooLarge(InferenceError):
 def fetch(uri: str, tracking_uri: str | None = None) -> Path:
     """A local directory holding the model.
 
-    `models:/name/version` is resolved through the registry (MLFLOW_TRACKING_URI);
+    `models:/name/version` is resolved through the registry (MLFLOW_TRACKING_URI), and its files are
+    checked against the sha256 digests recorded on the version (runtimes/integrity.py), if any;
     local artifacts are used in place, remote ones (s3://, mlflow-artifacts:/) downloaded.
     """
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
+    recorded = None
     try:
         if uri.startswith("models:/"):
             name, _, version = uri.removeprefix("models:/").partition("/")
-            uri = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
+            client = MlflowClient(tracking_uri, tracking_uri)
+            recorded = client.get_model_version(name, version).tags.get(integrity.TAG)
+            uri = client.get_model_version_download_uri(name, version)
         parsed = urlparse(uri)
         if parsed.scheme in ("", "file"):
             path = Path(url2pathname(parsed.path) if parsed.scheme else uri)
             if not path.exists():
                 raise ModelLoadError(f"model artifact not found at {uri}")
-            return path
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+        else:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - surfaced with the URI the user configured
-        raise ModelLoadError(f"cannot fetch model artifact {uri}: {str(exc).splitlines()[0]}") from None
+        text = str(exc)
+        if any(s in text for s in UNREACHABLE) or isinstance(exc, (ConnectionError, TimeoutError)):
+            raise RegistryUnavailable(f"cannot reach the registry for {uri}: {text.splitlines()[0] if text else type(exc).__name__}") from None
+        raise ModelLoadError(f"cannot fetch model artifact {uri}: {text.splitlines()[0] if text else type(exc).__name__}") from None
+    if recorded and (problems := integrity.mismatches(path, recorded)):
+        raise ModelLoadError(f"refusing a model whose files changed since registration: {'; '.join(problems)}")
+    return path
 
 
 def read_mlmodel(model_dir: Path) -> dict | None:
@@ -194,16 +225,42 @@ class ReportedModel(MLModel):
         except Exception as exc:
             if reload:
                 raise
+            if retry_later(exc):
+                metrics.model_metrics().ready.labels(self.name).set(0)
+                self._retry = asyncio.get_running_loop().create_task(self._load_when_the_registry_answers(exc))
+                return False
             logger.error("model '%s' failed to load and stays not ready: %s", self.name, exc)
             metrics.model_metrics().ready.labels(self.name).set(0)
             return False
         self._loaded = True
         return True
 
+    async def _load_when_the_registry_answers(self, exc: Exception) -> None:
+        """Not ready meanwhile (a pod's readiness probe fails, it is not restarted); ready once loaded."""
+        delay, tries = RETRY_FIRST_S, 1
+        while True:
+            logger.warning("model '%s' not ready, try %d failed: %s; trying again in %.0f s", self.name, tries, exc, delay)
+            await asyncio.sleep(delay)
+            tries += 1
+            try:
+                await metrics.tracked_load(self.name, self.load_model())
+            except Exception as again:  # noqa: BLE001 - logged: reachable but unloadable stays not ready
+                if retry_later(again):
+                    exc, delay = again, min(delay * 2, RETRY_MAX_S)
+                    continue
+                logger.error("model '%s' failed to load and stays not ready: %s", self.name, again)
+                return
+            self._loaded = self.ready = True
+            logger.info("model '%s' loaded on try %d and is ready", self.name, tries)
+            return
+
     async def is_ready(self) -> bool:
         return self._loaded
 
     async def unload(self) -> bool:
+        retry = getattr(self, "_retry", None)
+        if retry is not None:
+            retry.cancel()
         if self._loaded:
             metrics.model_unloaded(self.name)
         return True

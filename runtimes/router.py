@@ -38,7 +38,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
 from . import metrics
-from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, ReportedModel
+from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, ReportedModel, retry_later
 
 logger = logging.getLogger("mlserver.router")
 
@@ -140,6 +140,8 @@ class RouterRuntime(ReportedModel):
         try:
             await model.load_model()
         except Exception as exc:
+            if retry_later(exc):
+                raise  # the router as a whole tries again (ReportedModel)
             self._metrics.available.labels(self.name, spec["name"]).set(0)
             role = "shadow" if spec.get("shadow") else "live"
             if role == "live" and not fallback:

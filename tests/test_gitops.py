@@ -282,6 +282,56 @@ def pod_without_security_context(repo):
     edit(repo / "seldon/base/wine.yaml", "        securityContext:\n          runAsGroup: 1000\n          runAsNonRoot: true\n          runAsUser: 1000\n", "")
 
 
+def second_pdb(repo):
+    edit(repo / "seldon/overlays/prod/iris.yaml", "- {op: test, path: /spec/predictors/1/name, value: challenger}\n",
+         "- {op: test, path: /spec/predictors/1/name, value: challenger}\n- {op: add, path: /spec/predictors/1/componentSpecs/0/pdbSpec, value: {maxUnavailable: 1}}\n")
+
+
+def short_grace(repo):
+    edit(repo / "seldon/base/wine.yaml", "terminationGracePeriodSeconds: 45", "terminationGracePeriodSeconds: 20")
+
+
+def hpa_without_cpu_request(repo):
+    edit(repo / "seldon/overlays/dev/wine.yaml", "- {op: add, path: /spec/predictors/0/replicas, value: 1}",
+         "- {op: add, path: /spec/predictors/0/componentSpecs/0/hpaSpec, value: {maxReplicas: 3, minReplicas: 1, metricsv2: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}]}}")
+    edit(repo / "seldon/overlays/dev/wine.yaml", "requests: {cpu: 250m, memory: 512Mi}", "requests: {memory: 512Mi}")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (second_pdb, "clusters/prod (SeldonDeployment/iris): pdbSpec on predictors champion, challenger: each PDB the operator makes selects every pod"),
+        (short_grace, "clusters/dev (SeldonDeployment/wine): predictor 'champion': terminationGracePeriodSeconds 20 leaves 10 s after the preStop sleep"),
+        (hpa_without_cpu_request, "clusters/dev (SeldonDeployment/wine): predictor 'champion': hpaSpec scales on CPU utilization, which needs resources.requests.cpu"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_each_rollout_rule_names_environment_object_and_cause(repo, mutate, expected):
+    mutate(repo)
+    errors = validate(repo, CRDS)
+    assert any(e.startswith(expected) for e in errors), "\n".join(errors)
+
+
+def test_autoscaling_and_disruption_budgets_follow_the_spec():
+    data = copy.deepcopy(SPEC)
+    data["environments"]["stage"] = {"autoscale": {"min_replicas": 2, "max_replicas": 5, "cpu_percent": 60}}
+    files = render(data)
+    stage = [yaml.safe_load(line[2:]) for line in files["overlays/stage/iris.yaml"].splitlines() if line.startswith("- ")]
+    hpas = [op["value"] for op in stage if op["path"].endswith("/hpaSpec")]
+    assert len(hpas) == 3 and hpas[0] == {
+        "minReplicas": 2, "maxReplicas": 5,
+        "metricsv2": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}],
+    }  # fmt: skip
+    assert not [op for op in stage if op["path"].endswith("/replicas")], "the HPA owns the replica count"
+    assert [op["path"] for op in stage if op["path"].endswith("/pdbSpec")] == ["/spec/predictors/0/componentSpecs/0/pdbSpec"]
+    dev = files["overlays/dev/iris.yaml"]
+    assert "pdbSpec" not in dev and "hpaSpec" not in dev, "one replica: no budget to keep, nothing to scale"
+    with pytest.raises(ValueError, match="max_replicas \\(1\\) is below min_replicas \\(2\\)"):
+        DeploymentSpec.model_validate({**data, "environments": {"dev": {"autoscale": {"min_replicas": 2, "max_replicas": 1}}}})
+    with pytest.raises(ValueError, match="either 'replicas' or 'autoscale'"):
+        DeploymentSpec.model_validate({**data, "environments": {"dev": {"replicas": 2, "autoscale": {"min_replicas": 2, "max_replicas": 3}}}})
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [

@@ -427,11 +427,13 @@ def test_broken_variant_is_not_ready_and_every_other_model_keeps_serving(broken,
         assert status == 200, f"{model}: {text}"
 
     log = srv.output()
+    # The bytes differ from the sha256 recorded at registration, so the runtime refuses them before skops reads them.
+    changed = f"refusing a model whose files changed since registration: {truncated}: sha256 "
     assert re.search(
         rf"ERROR - model 'iris' failed to load and stays not ready: router 'iris': live variant 'challenger' \({uri}\) "
-        rf"failed to load: {re.escape(str(truncated))}: cannot load skops file \(BadZipFile", log
+        rf"failed to load: {re.escape(changed)}[0-9a-f]{{64}} differs from the [0-9a-f]{{64}} recorded at registration", log
     ), log
-    assert f"ERROR - model 'iris-challenger' failed to load and stays not ready: {truncated}: cannot load skops file" in log
+    assert f"ERROR - model 'iris-challenger' failed to load and stays not ready: {changed}" in log
     samples = scrape(srv)
     assert sample(samples, "mlops_model_ready", model="iris") == 0
     assert sample(samples, "mlops_model_ready", model="iris-champion") == 1
@@ -450,7 +452,10 @@ def test_fallback_serves_from_the_remaining_variants_and_says_so(broken):
         np.testing.assert_allclose(body["outputs"][0]["data"], reference, rtol=1e-12)
 
     log = srv.output()
-    assert f"router diabetes: live variant challenger ({uri}) not loaded, its weight goes to the other live variants (fallback): {deleted}" in log
+    assert (
+        f"router diabetes: live variant challenger ({uri}) not loaded, its weight goes to the other live variants (fallback): "
+        f"refusing a model whose files changed since registration: {deleted}: missing (recorded sha256 "
+    ) in log
     assert "router diabetes: serving from champion=100% only, challenger failed to load (fallback)" in log
     samples = scrape(srv)
     assert sample(samples, "mlops_router_variant_available", model="diabetes", variant="challenger") == 0

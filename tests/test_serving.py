@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import mlflow.sklearn
 import numpy as np
@@ -84,3 +86,26 @@ def test_bad_request_is_a_client_error_naming_the_problem(server, protocol):
     with pytest.raises(InferenceServerException) as exc:
         infer(client, mod, "diabetes-champion", np.zeros((1, 10)), ["predict_proba"])
     assert "predict_proba" in str(exc.value) and "regressor" in str(exc.value)
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on at `port`, from /proc/net/tcp{,6} (hex, as the kernel writes them)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.rsplit(":", 1)
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_mlops_serve_listens_on_loopback_only_unless_told(server):
+    """A laptop on a shared network serves nobody else by default; the banner says so."""
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and ::ffff:127.0.0.1 (gRPC's), as the kernel writes them
+    for port in (server.http, server.grpc, server.metrics):
+        assert _listening(port) and _listening(port) <= loopback, (port, _listening(port))
+    deadline = time.monotonic() + 60  # the banner follows readiness: it first reads each model's input example
+    while "MLServer is ready" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Listening on 127.0.0.1 only" in server.output(), server.output()[-2000:]

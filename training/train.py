@@ -7,11 +7,14 @@ Each candidate becomes a new registry version; the best held-out score gets
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from importlib.metadata import version as pkg_version
 
 import numpy as np
 from sklearn import metrics
 from sklearn.model_selection import train_test_split
+
+from runtimes import integrity
 
 from .catalog import JOBS, REVIEWED_TRUSTED_TYPES, Job
 
@@ -115,6 +118,9 @@ def train_model(registry, model_name: str, on_step=lambda msg: None) -> list[Tra
             )
         version = str(info.registered_model_version)
         client.set_model_version_tag(model_name, version, "candidate", candidate)
+        # The files as registered, so that a runtime can refuse bytes that changed in the store since.
+        stored = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(model_name, version)))
+        client.set_model_version_tag(model_name, version, integrity.TAG, integrity.tag_value(stored))
         results.append((candidate, version, float(scores[job.score_metric])))
 
     ranked = sorted(results, key=lambda r: r[2], reverse=True)
