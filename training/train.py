@@ -6,9 +6,10 @@ Each candidate becomes a new registry version; the best held-out score gets
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from pathlib import Path
 from importlib.metadata import version as pkg_version
+from pathlib import Path
 
 import numpy as np
 from sklearn import metrics
@@ -78,6 +79,27 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
         return exp.experiment_id
 
 
+DUPLICATE_KEY = ("Duplicate entry", "duplicate key", "UNIQUE constraint failed", "IntegrityError")
+ALIAS_TRIES = 5
+
+
+def set_alias(client, model: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`, also when another job sets the same alias at the same moment.
+
+    MLflow's SQL store inserts a new alias row after looking for one; two jobs that both find none
+    both insert, and the second fails on the database's unique key (PostgreSQL and MariaDB alike).
+    The row then exists, so setting it again updates it.
+    """
+    for attempt in range(1, ALIAS_TRIES + 1):
+        try:
+            client.set_registered_model_alias(model, alias, version)
+            return
+        except Exception as exc:
+            if attempt == ALIAS_TRIES or not any(s in str(exc) for s in DUPLICATE_KEY):
+                raise
+            time.sleep(0.05 * attempt)
+
+
 def train_model(registry, model_name: str, on_step=lambda msg: None) -> list[TrainedVersion]:
     import mlflow
     import mlflow.sklearn
@@ -128,7 +150,7 @@ def train_model(registry, model_name: str, on_step=lambda msg: None) -> list[Tra
     for i, (candidate, version, score) in enumerate(ranked):
         alias = ALIASES[i] if i < len(ALIASES) else None
         if alias:
-            client.set_registered_model_alias(model_name, alias, version)
+            set_alias(client, model_name, alias, version)
         out.append(TrainedVersion(model_name, candidate, version, score, alias))
     return out
 
