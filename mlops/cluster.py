@@ -60,7 +60,6 @@ CHART_DEFAULTS = {
     "predictiveUnit": {"httpPort": 9000, "grpcPort": 9500, "metricsPortName": "metrics"},
 }
 FIRST_METRICS_PORT = 6000
-EXECUTOR_GRPC_PORT = 5001  # operator/controllers/seldondeployment_engine.go 45
 GRPC_PATH_REGEX = ".*tensorflow.*|.*seldon.protos.*|.*inference.*"
 # Names the operator sets with SetEnvVar(..., override=false): one already in the manifest drops the whole env.
 TRAP_ENV = ("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", "MLSERVER_HTTP_PORT", "PREDICTIVE_UNIT_GRPC_SERVICE_PORT", "MLSERVER_GRPC_PORT")
@@ -157,6 +156,11 @@ class Deployment:
     @property
     def grpc_headers(self) -> dict[str, str]:
         return {"seldon": self.name, "namespace": self.namespace}
+
+    @property
+    def grpc_path(self) -> str:
+        """The regex the gRPC route matches the method path with (Python's `re` reads it as Envoy does here)."""
+        return GRPC_PATH_REGEX
 
     @property
     def routes(self) -> list[tuple[str, int]]:

@@ -124,6 +124,7 @@ class Cluster:
                 "gateway_ok": not cluster.gateway_problems(self.objects, dep),
                 "http_prefix": dep.http_prefix,
                 "grpc_headers": dep.grpc_headers,
+                "grpc_path": dep.grpc_path,
                 "routes": dep.routes,
                 "mirror": dep.mirror,
                 "predictors": {n: {"graph": p.predictor.graph_name, "http": p.address("http"), "grpc": p.address("grpc")} for n, p in pods.items()},

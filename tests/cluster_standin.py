@@ -41,7 +41,6 @@ import grpc
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
 
-GRPC_PATH = re.compile(r".*tensorflow.*|.*seldon.protos.*|.*inference.*")
 SERVICE = "/inference.GRPCInferenceService/"
 V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 V2_READY = re.compile(r"^/v2/models/([^/]+)/ready$")
@@ -65,7 +64,7 @@ class Predictor:
 
 class Deployment:
     def __init__(self, cfg: dict):
-        self.prefix, self.headers = cfg["http_prefix"], cfg["grpc_headers"]
+        self.prefix, self.headers, self.grpc_path = cfg["http_prefix"], cfg["grpc_headers"], re.compile(cfg["grpc_path"])
         self.predictors = {n: Predictor(n, c) for n, c in cfg["predictors"].items()}
         self.routes = [(self.predictors[n], w) for n, w in cfg["routes"]]
         self.mirror = (self.predictors[cfg["mirror"][0]], cfg["mirror"][1]) if cfg.get("mirror") else None
@@ -152,7 +151,7 @@ class Standin:
                 method = details.method
                 meta = dict(details.invocation_metadata)
                 dep = next(
-                    (d for d in standin.deployments if GRPC_PATH.fullmatch(method) and all(meta.get(k) == v for k, v in d.headers.items())),
+                    (d for d in standin.deployments if d.grpc_path.fullmatch(method) and all(meta.get(k) == v for k, v in d.headers.items())),
                     None,
                 )
 
