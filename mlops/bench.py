@@ -230,10 +230,10 @@ def grpc_predict(port: int, model: str) -> list:
     return list(out.contents.int64_contents) or list(response.raw_output_contents[0])
 
 
-def rest_predict(port: int, model: str, body: Path | None = None) -> list:
+def rest_predict(port: int, model: str, body: Path) -> list:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v2/models/{model}/infer",
-        data=body.read_bytes() if body else json.dumps(PAYLOAD).encode(), headers={"Content-Type": "application/json"}, method="POST",
+        data=body.read_bytes(), headers={"Content-Type": "application/json"}, method="POST",
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())["outputs"][0]["data"]

@@ -63,6 +63,7 @@ FIRST_METRICS_PORT = 6000
 GRPC_PATH_REGEX = ".*tensorflow.*|.*seldon.protos.*|.*inference.*"
 # Names the operator sets with SetEnvVar(..., override=false): one already in the manifest drops the whole env.
 TRAP_ENV = ("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", "MLSERVER_HTTP_PORT", "PREDICTIVE_UNIT_GRPC_SERVICE_PORT", "MLSERVER_GRPC_PORT")
+PRE_STOP_SECONDS = 10  # the operator's `/bin/sleep 10` preStop hook (seldondeployment_controller.go 830-833)
 DRAIN_SECONDS = 30  # after SIGTERM, for the requests a pod accepted before Istio stopped routing to it
 ISTIO_GATEWAY_CHART = "gateway"  # istio/istio manifests/charts/gateway
 SETTINGS_FILE = Path("model-settings") / "settings.json"  # copied into the image as /app/server/settings.json
@@ -115,12 +116,15 @@ class Container:
     image: str
     env: list[tuple[str, str]]  # in pod-spec order, after the operator; values from secrets are left out
     ports: dict[str, int]
-    readiness_path: str | None
     run_as_user: int | None  # None: the image's USER
     probes: dict[str, dict]  # liveness/readiness as the pod runs them: ours, or the operator's TCP defaults
-    pre_stop: list[str] | None  # the operator's `sleep 10` where the manifest has no lifecycle
+    pre_stop_seconds: int  # the operator's preStop sleep, where the manifest has no lifecycle; else 0
     grace_seconds: int = 30  # the pod's terminationGracePeriodSeconds (Kubernetes' default 30)
     dropped_env: list[str] = field(default_factory=list)  # manifest env the operator threw away, and why
+
+    @property
+    def readiness_path(self) -> str | None:
+        return ((self.probes["readiness"].get("httpGet") or {}).get("path"))
 
     def environment(self, image_env: dict[str, str]) -> dict[str, str]:
         """What the process sees: the image's ENV, then the pod's env in order (the last of a name wins)."""
@@ -183,6 +187,54 @@ def _set_env(env: list[tuple[str, str]], name: str, value: str, dropped: list[st
     return [*env, (name, value)]
 
 
+def _operator_container(con: dict, pod: dict, predictor: dict, sdep_name: str, chart: Chart, http: int, grpc: int, metrics: int) -> Container:
+    """The graph's container after defaulting and createContainerService (line numbers in the module docstring).
+
+    `http`/`grpc` are the ports the operator numbered for this container name, used where the container
+    declares none; `metrics` the next metrics port, used where it declares none under the chart's name.
+    """
+    name = con.get("name", "")
+    ports = {pt.get("name"): int(pt.get("containerPort")) for pt in con.get("ports") or [] if pt.get("name")}
+    ports.setdefault(chart.metrics_port_name, metrics)
+    http, grpc = ports.setdefault("http", http), ports.setdefault("grpc", grpc)
+    env = [(e["name"], str(e.get("value", ""))) for e in con.get("env") or [] if "value" in e]
+    dropped: list[str] = []
+    if not any(n == "PREDICTIVE_UNIT_SERVICE_PORT" for n, _ in env):
+        env.append(("PREDICTIVE_UNIT_SERVICE_PORT", str(http)))
+    for var, value in zip(TRAP_ENV, (http, http, grpc, grpc)):
+        env = _set_env(env, var, str(value), dropped)
+    graph = predictor.get("graph") or {}
+    if graph.get("parameters"):
+        env = _set_env(env, "PREDICTIVE_UNIT_PARAMETERS", json.dumps(graph["parameters"]), dropped)
+    if graph.get("modelUri"):
+        env = _set_env(env, "MLSERVER_MODEL_URI", "/mnt/models", dropped)
+    labels = {"version": predictor.get("name", ""), **(predictor.get("labels") or {})}
+    env += [
+        ("PREDICTIVE_UNIT_ID", name),
+        ("MLSERVER_MODEL_NAME", name),
+        ("PREDICTIVE_UNIT_IMAGE", con.get("image", "")),
+        ("PREDICTOR_ID", predictor.get("name", "")),
+        ("PREDICTOR_LABELS", json.dumps(labels, sort_keys=True, separators=(",", ":"))),
+        ("SELDON_DEPLOYMENT_ID", sdep_name),
+        ("SELDON_EXECUTOR_ENABLED", "true"),
+    ]
+    metrics_port = str(ports[chart.metrics_port_name])
+    env += [
+        ("PREDICTIVE_UNIT_METRICS_SERVICE_PORT", metrics_port),
+        ("PREDICTIVE_UNIT_METRICS_ENDPOINT", chart.prometheus_path),
+        ("MLSERVER_METRICS_PORT", metrics_port),
+        ("MLSERVER_METRICS_ENDPOINT", chart.prometheus_path),
+    ]
+    probes = {
+        kind: con.get(f"{kind}Probe") or {"tcpSocket": {"port": http}, "initialDelaySeconds": delay, "periodSeconds": 5}
+        for kind, delay in (("liveness", 60), ("readiness", 20))
+    }
+    pod_sc = pod.get("securityContext")
+    user = pod_sc.get("runAsUser") if pod_sc is not None else chart.default_user
+    pre_stop = 0 if con.get("lifecycle") else PRE_STOP_SECONDS
+    return Container(name, con.get("image", ""), env, ports, user, probes, pre_stop, int(pod.get("terminationGracePeriodSeconds", 30)), dropped)
+
+
 def derive(sdep: dict, chart: Chart) -> Deployment:
     meta, spec = sdep.get("metadata") or {}, sdep.get("spec") or {}
     name, namespace = meta.get("name", "?"), meta.get("namespace") or seldon.NAMESPACE
@@ -192,61 +244,22 @@ def derive(sdep: dict, chart: Chart) -> Deployment:
     grpc_by_name: dict[str, int] = {}
     predictors = []
     for p in spec.get("predictors") or []:
-        graph = p.get("graph") or {}
-        labels = {"version": p.get("name", ""), **(p.get("labels") or {})}
-        found = None
-        pod_labels: dict[str, str] = {}
+        graph_name = (p.get("graph") or {}).get("name", "")
+        found, pod_labels = None, {}
         for cspec in p.get("componentSpecs") or []:
             pod = cspec.get("spec") or {}
-            pod_sc = pod.get("securityContext")
             for con in pod.get("containers") or []:
                 cname = con.get("name", "")
-                if cname not in http_by_name:
+                if cname not in http_by_name:  # numbered per container name, across predictors (defaults.go 218-222)
                     http_by_name[cname], next_http = next_http, next_http + 1
-                if cname not in grpc_by_name:
                     grpc_by_name[cname], next_grpc = next_grpc, next_grpc + 1
-                if cname != graph.get("name"):
+                if cname != graph_name:
                     continue
-                ports = {pt.get("name"): int(pt.get("containerPort")) for pt in con.get("ports") or [] if pt.get("name")}
-                if chart.metrics_port_name not in ports:
-                    ports[chart.metrics_port_name], next_metrics = next_metrics, next_metrics + 1
-                http, grpc = ports.setdefault("http", http_by_name[cname]), ports.setdefault("grpc", grpc_by_name[cname])
-                env = [(e["name"], str(e.get("value", ""))) for e in con.get("env") or [] if "value" in e]
-                dropped: list[str] = []
-                if not any(n == "PREDICTIVE_UNIT_SERVICE_PORT" for n, _ in env):
-                    env.append(("PREDICTIVE_UNIT_SERVICE_PORT", str(http)))
-                for var, value in zip(TRAP_ENV, (http, http, grpc, grpc)):
-                    env = _set_env(env, var, str(value), dropped)
-                if graph.get("parameters"):
-                    env = _set_env(env, "PREDICTIVE_UNIT_PARAMETERS", json.dumps(graph["parameters"]), dropped)
-                if graph.get("modelUri"):
-                    env = _set_env(env, "MLSERVER_MODEL_URI", "/mnt/models", dropped)
-                env += [
-                    ("PREDICTIVE_UNIT_ID", cname),
-                    ("MLSERVER_MODEL_NAME", cname),
-                    ("PREDICTIVE_UNIT_IMAGE", con.get("image", "")),
-                    ("PREDICTOR_ID", p.get("name", "")),
-                    ("PREDICTOR_LABELS", json.dumps(labels, sort_keys=True, separators=(",", ":"))),
-                    ("SELDON_DEPLOYMENT_ID", name),
-                    ("SELDON_EXECUTOR_ENABLED", "true"),
-                ]
-                metrics = ports[chart.metrics_port_name]
-                env += [
-                    ("PREDICTIVE_UNIT_METRICS_SERVICE_PORT", str(metrics)),
-                    ("PREDICTIVE_UNIT_METRICS_ENDPOINT", chart.prometheus_path),
-                    ("MLSERVER_METRICS_PORT", str(metrics)),
-                    ("MLSERVER_METRICS_ENDPOINT", chart.prometheus_path),
-                ]
-                probe = ((con.get("readinessProbe") or {}).get("httpGet") or {}).get("path")
-                user = (pod_sc or {}).get("runAsUser") if pod_sc is not None else chart.default_user
-                probes = {
-                    kind: con.get(f"{kind}Probe") or {"tcpSocket": {"port": http}, "initialDelaySeconds": delay, "periodSeconds": 5}
-                    for kind, delay in (("liveness", 60), ("readiness", 20))
-                }
-                pre_stop = None if con.get("lifecycle") else ["/bin/sh", "-c", "/bin/sleep 10"]
-                found = Container(cname, con.get("image", ""), env, ports, probe, user, probes, pre_stop, int(pod.get("terminationGracePeriodSeconds", 30)), dropped)
+                found = _operator_container(con, pod, p, name, chart, http_by_name[cname], grpc_by_name[cname], next_metrics)
+                if chart.metrics_port_name not in {pt.get("name") for pt in con.get("ports") or []}:
+                    next_metrics += 1  # the port was added (defaults.go 57-67)
                 pod_labels = (cspec.get("metadata") or {}).get("labels") or {}
-        predictors.append(Predictor(p.get("name", ""), int(p.get("traffic") or 0), bool(p.get("shadow")), graph.get("name", ""), pod_labels, found))
+        predictors.append(Predictor(p.get("name", ""), int(p.get("traffic") or 0), bool(p.get("shadow")), graph_name, pod_labels, found))
     gateway = annotations.get("seldon.io/istio-gateway", chart.gateway)
     hosts = [h.strip() for h in annotations.get("seldon.io/istio-host", "*").split(",")]
     return Deployment(name, namespace, gateway, hosts, predictors)
@@ -360,10 +373,9 @@ def deployment_problems(dep: Deployment, chart: Chart, image_env: dict[str, str]
             problems.append(f"{at}: MLServer would serve '{env.get('MLSERVER_MODEL_NAME')}', not the graph's '{p.graph_name}'")
         if con.readiness_path not in (None, f"/v2/models/{p.graph_name}/ready"):
             problems.append(f"{at}: readinessProbe asks {con.readiness_path}, but the pod serves '{p.graph_name}'")
-        stop = 10 if con.pre_stop else 0
-        if con.grace_seconds < stop + DRAIN_SECONDS:
+        if con.grace_seconds < con.pre_stop_seconds + DRAIN_SECONDS:
             problems.append(
-                f"{at}: terminationGracePeriodSeconds {con.grace_seconds} leaves {con.grace_seconds - stop} s after the preStop sleep; "
+                f"{at}: terminationGracePeriodSeconds {con.grace_seconds} leaves {con.grace_seconds - con.pre_stop_seconds} s after the preStop sleep; "
                 f"give MLServer at least {DRAIN_SECONDS} s to finish the requests it accepted"
             )
         if con.run_as_user not in (None, image_user):  # None: the image's USER
@@ -459,7 +471,7 @@ def describe(objects: list[dict], root: Path) -> list[dict]:
                         "metrics": dict(zip(("port", "path"), served_metrics(p.container, image_env, settings))),
                         "runAsUser": p.container.run_as_user,
                         "probes": p.container.probes,
-                        "preStop": p.container.pre_stop,
+                        "preStop": ["/bin/sh", "-c", f"/bin/sleep {p.container.pre_stop_seconds}"] if p.container.pre_stop_seconds else None,
                         "terminationGracePeriodSeconds": p.container.grace_seconds,
                         "env": dict(p.container.env),
                     } if p.container else {}),

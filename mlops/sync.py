@@ -48,26 +48,26 @@ def to_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def variant_settings(variant: ResolvedVariant, trust: Trust | None = None) -> dict:
+def variant_settings(variant: ResolvedVariant, trust: Trust = Trust()) -> dict:
     return {
         "implementation": RUNTIME,
         "name": variant.served_name,
         "parameters": {
             "uri": variant.registry_uri,
             "version": variant.version,
-            "extra": {**variant.runtime_extra, **(trust or Trust()).runtime_extra()},
+            "extra": {**variant.runtime_extra, **trust.runtime_extra()},
         },
     }
 
 
-def router_settings(model: str, variants: list[ResolvedVariant], fallback: bool = False, trust: Trust | None = None) -> dict:
+def router_settings(model: str, variants: list[ResolvedVariant], fallback: bool = False, trust: Trust = Trust()) -> dict:
     """The public name (`iris`): one JSON line per weight, so a weight change is a one-line diff.
 
     `fallback` is written only when set, so specs without it give the same files as before it existed;
     `runtime` is what the router passes on to each variant's runtime (which model, what it may trust).
     """
     extra = {
-        "runtime": {"registered_model": model, **(trust or Trust()).runtime_extra()},
+        "runtime": {"registered_model": model, **trust.runtime_extra()},
         "variants": [
             {"name": v.name, "shadow": v.shadow, "uri": v.registry_uri, "version": v.version, "weight": v.weight}
             for v in variants

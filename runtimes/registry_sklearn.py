@@ -35,6 +35,7 @@ from mlserver.utils import get_model_uri
 
 from . import integrity, metrics, mlserver_patches, signature
 from .batching import Coalescer
+from .signature import MAX_MAGNITUDE, RequestTooLarge
 
 PREDICT = "predict"
 PREDICT_PROBA = "predict_proba"
@@ -44,8 +45,6 @@ PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 # past parsing; gRPC messages stop at grpc_max_message_length (settings.json) before that.
 MAX_REQUEST_VALUES = 1_000_000
 NUMERIC_DATATYPES = ("FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL")
-# scikit-learn trees predict in float32: larger magnitudes become Inf there, and overflow scalers elsewhere.
-MAX_MAGNITUDE = float(np.finfo(np.float32).max)
 
 logger = logging.getLogger("mlserver.runtimes")
 mlserver_patches.apply()
@@ -75,14 +74,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
 UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "timed out", "Name or service not known",
                "Temporary failure in name resolution", "status code 502", "status code 503", "status code 504")  # fmt: skip
-
-
-class RequestTooLarge(InferenceError):
-    """A client error (413 over REST, RESOURCE_EXHAUSTED over gRPC) that the router counts as one."""
-
-    def __init__(self, msg: str):
-        super().__init__(msg)
-        self.status_code = 413
 
 
 def fetch(uri: str, tracking_uri: str | None = None) -> Path:

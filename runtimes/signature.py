@@ -34,9 +34,17 @@ COLUMN_TYPES = {
 }
 NUMERIC = {"double", "float", "long", "integer", "boolean"}
 FLOATS = {"FP64", "FP32", "FP16"}
-INPUT_PREFIX, OUTPUT_PREFIX = "input-", "output-"
-# scikit-learn computes in float32 in places: larger magnitudes overflow there.
+INPUT_PREFIX = "input-"
+# scikit-learn trees predict in float32: larger magnitudes become Inf there, and overflow scalers elsewhere.
 MAX_MAGNITUDE = float(np.finfo(np.float32).max)
+
+
+class RequestTooLarge(InferenceError):
+    """A client error (413 over REST, RESOURCE_EXHAUSTED over gRPC) that the router counts as one."""
+
+    def __init__(self, msg: str):
+        super().__init__(msg)
+        self.status_code = 413
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,11 @@ class Column:
 
     def describe(self) -> str:
         return f"{self.datatype} ({self.type})"
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    if values.dtype.kind == "f" and values.size and not np.abs(values).max() <= MAX_MAGNITUDE:  # one pass: NaN compares false
+        raise InferenceError(f"input {name!r} contains NaN, Inf (null over REST) or a value beyond ±{MAX_MAGNITUDE:.4g}; the model needs finite numbers")
 
 
 def _datatype(inp) -> str:
@@ -114,8 +127,6 @@ class ColumnDecoder:
         inputs = payload.inputs
         size = sum(math.prod(i.shape) for i in inputs)
         if size > self.max_values:
-            from .registry_sklearn import RequestTooLarge
-
             raise RequestTooLarge(
                 f"request too large: {size:,} values; this model takes at most {self.max_values:,} values per request "
                 "(parameters.extra.max_request_values): send smaller batches"
@@ -157,8 +168,7 @@ class ColumnDecoder:
                 values = np.asarray(NumpyCodec.decode_input(inp)).reshape(-1)
             except Exception as exc:  # noqa: BLE001 - codec errors are the client's
                 raise InferenceError(f"cannot decode input {inp.name!r}: {exc}") from None
-            if values.dtype.kind == "f" and values.size and not np.abs(values).max() <= MAX_MAGNITUDE:
-                raise InferenceError(f"input {inp.name!r} contains NaN, Inf (null over REST) or a value beyond ±{MAX_MAGNITUDE:.4g}; the model needs finite numbers")
+            _check_finite(inp.name, values)
             return values.astype(COLUMN_TYPES[column.type][1], copy=False)
         if datatype != "BYTES":
             raise InferenceError(f"input {inp.name!r} has datatype {datatype}; the model expects {column.describe()}")
@@ -186,8 +196,7 @@ class ColumnDecoder:
             X = np.asarray(NumpyCodec.decode_input(inp)).reshape(rows, width)
         except Exception as exc:  # noqa: BLE001
             raise InferenceError(f"cannot decode input {inp.name!r}: {exc}") from None
-        if X.dtype.kind == "f" and X.size and not np.abs(X).max() <= MAX_MAGNITUDE:
-            raise InferenceError(f"input {inp.name!r} contains NaN, Inf (null over REST) or a value beyond ±{MAX_MAGNITUDE:.4g}; the model needs finite numbers")
+        _check_finite(inp.name, X)
         if not rows:
             raise InferenceError("the request has no rows")
         return {c.name: X[:, i].astype(COLUMN_TYPES[c.type][1], copy=False) for i, c in enumerate(self.columns)}

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import REPO, free_port, stop_group
 from mlops import cluster, seldon
 from mlops.prometheus import scrape_job
-from mlops.serve import mlserver_command
+from mlops.serve import mlserver_command, wait_for
 from mlops.validate import rendered_environments
 
 POD_NET = "127.0.77."  # pod i gets POD_NET + (i + 1)
@@ -54,7 +54,7 @@ class Pod:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def scrape_job(self, podmonitor: dict, relabel_configs: list[dict]) -> dict:
+    def scrape_job(self, podmonitor: dict) -> dict:
         """What prometheus-operator makes of the PodMonitor for this pod: the endpoint's port name
         looked up in the pod's container ports, its path, the pod's labels as meta labels."""
         (endpoint,) = podmonitor["spec"]["podMetricsEndpoints"]
@@ -62,13 +62,30 @@ class Pod:
         assert port is not None, f"PodMonitor port {endpoint['port']!r} is not a port of {self.deployment}/{self.predictor.name}"
         meta = {f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in self.labels.items()}
         meta.update(__meta_kubernetes_namespace=seldon.NAMESPACE, __meta_kubernetes_pod_name=f"{self.deployment}-{self.predictor.name}-0")
-        job = scrape_job(f"{self.deployment}-{self.predictor.name}", [f"{self.ip}:{port}"], meta, relabel_configs)
+        job = scrape_job(f"{self.deployment}-{self.predictor.name}", [f"{self.ip}:{port}"], meta, podmonitor_relabel_configs(podmonitor))
         job["metrics_path"] = endpoint.get("path", "/metrics")
         return job
 
 
 def _sanitize(label: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in label)
+    """A Kubernetes label name as a Prometheus label name."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def podmonitor_relabel_configs(podmonitor: dict) -> list[dict]:
+    """What prometheus-operator makes of the PodMonitor: its own namespace and pod labels, podTargetLabels,
+    then the endpoint's relabelings (camelCase fields in the CRD, snake_case in Prometheus)."""
+    spec = podmonitor["spec"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    configs = [
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+    ]
+    for label in spec.get("podTargetLabels", []):
+        configs.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(label)}"], "regex": "(.+)", "target_label": _sanitize(label)})
+    for relabel in endpoint.get("relabelings", []):
+        configs.append({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in relabel.items()})
+    return configs
 
 
 class Cluster:
@@ -103,17 +120,12 @@ class Cluster:
                 self.pods.append(Pod(name, pred, ip, proc, log))
 
     def wait_ready(self, timeout: float = 240) -> None:
+        """Each pod until its readiness probe's path answers, as the kubelet would ask it."""
         deadline = time.monotonic() + timeout
         for pod in self.pods:
             url = f"http://{pod.address('http')}{pod.container.readiness_path}"
-            while True:
-                if pod.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"pod {pod.deployment}/{pod.predictor.name} not ready at {url}:\n{pod.output()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.5)
+            if not wait_for(url, pod.proc, max(1.0, deadline - time.monotonic())):
+                raise AssertionError(f"pod {pod.deployment}/{pod.predictor.name} not ready at {url}:\n{pod.output()[-3000:]}")
 
     def start_standin(self) -> None:
         self.http, self.grpc = free_port(), free_port()

@@ -45,26 +45,6 @@ POD_MODEL, POD_ENV = "iris", "dev"  # the variant pods: iris's live variants wit
 PODMONITOR = REPO / "clusters/base/monitoring/podmonitor-mlserver.yaml"
 
 
-def _sanitize(label: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
-
-
-def podmonitor_relabel_configs(podmonitor: dict) -> list[dict]:
-    """What prometheus-operator makes of the PodMonitor: its own namespace and pod labels, podTargetLabels,
-    then the endpoint's relabelings (camelCase fields in the CRD, snake_case in Prometheus)."""
-    spec = podmonitor["spec"]
-    (endpoint,) = spec["podMetricsEndpoints"]
-    configs = [
-        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-    ]
-    for label in spec.get("podTargetLabels", []):
-        configs.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(label)}"], "regex": "(.+)", "target_label": _sanitize(label)})
-    for relabel in endpoint.get("relabelings", []):
-        configs.append({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in relabel.items()})
-    return configs
-
-
 def _call(rest, grpc, model: str, n: int, headers: dict | None = None) -> None:
     """One inference call, REST or gRPC by turn; one call in ten has the wrong feature count and fails."""
     width = FEATURES[model.split("-")[0]] - (n % 10 == 0)
@@ -142,10 +122,9 @@ def scraped(trained, cluster, tmp_path_factory):
     try:
         assert {p.labels["mlops/variant"] for p in pods} == set(weights)
         srv.wait_ready()
-        relabel = podmonitor_relabel_configs(podmonitor)
         prom = Prometheus(
             work / "prometheus", free_port(),
-            [scrape_job("mlserver", [f"127.0.0.1:{srv.metrics}"]), *(p.scrape_job(podmonitor, relabel) for p in pods)],
+            [scrape_job("mlserver", [f"127.0.0.1:{srv.metrics}"]), *(p.scrape_job(podmonitor) for p in pods)],
             {"mlops-serving.yaml": rule_file(dashboards.prometheus_rule()), "variant-weights.yaml": rule_file(weight_rule)},
             interval="1s",
         )  # fmt: skip

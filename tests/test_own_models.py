@@ -24,6 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import REPO, Server, free_port, mlops, stop_group
+from mlops.serve import wait_for
 
 COLUMNS = ["radius", "texture", "perimeter", "clinic"]
 ROWS = {"radius": [14.1, 20.6, 9.5], "texture": [19.3, 29.3, 12.4], "perimeter": [91.9, 140.1, 60.3], "clinic": ["north", "east", "south"]}
@@ -211,17 +212,9 @@ def test_stock_mlflow_runtime_gives_identical_predictions_and_input_names(own, t
     proc = subprocess.Popen([mlserver, "start", str(settings)], env=stock_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         stock = httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
-        for _ in range(240):
-            try:
-                if stock.is_model_ready("cancer"):
-                    break
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            if proc.poll() is not None:
-                break
-            __import__("time").sleep(0.5)
+        ready = wait_for(f"http://127.0.0.1:{ports[0]}/v2/models/cancer/ready", proc, timeout=120)
         log.seek(0)
-        assert stock.is_model_ready("cancer"), log.read()[-3000:]
+        assert ready, log.read()[-3000:]
         ours = httpclient.InferenceServerClient(srv.url)
         assert [i["name"] for i in stock.get_model_metadata("cancer")["inputs"]] == [i["name"] for i in ours.get_model_metadata("cancer")["inputs"]]
         theirs = stock.infer("cancer", _inputs(httpclient, ROWS, binary=False)).get_response()["outputs"][0]["data"]
