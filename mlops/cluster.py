@@ -43,6 +43,7 @@ grpc/kfserving/server.go 76-88), and answers ready and metadata only for a graph
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -315,13 +316,7 @@ def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
         return [f"the VirtualService the operator makes binds to the Istio Gateway {ns}/{name}, which nothing here creates: no request reaches the model"]
     gw = (gateways[0].get("spec") or {})
     selector = gw.get("selector") or {}
-    pods = []
-    for release in (o for o in objects if o.get("kind") == "HelmRelease" and _chart_name(o) == ISTIO_GATEWAY_CHART):
-        # istio 1.26.8 manifests/charts/gateway/templates/_helpers.tpl 1-7, 18-21: labels app=<name>, istio=<name minus "istio-">
-        rel = release.get("spec") or {}
-        gname = (rel.get("values") or {}).get("name") or rel.get("releaseName") or release["metadata"]["name"]
-        labels = {"app": gname, "istio": gname.removeprefix("istio-"), **((rel.get("values") or {}).get("labels") or {})}
-        pods.append(labels)
+    pods = gateway_pod_labels(objects)
     problems = []
     if not any(selector and all(lbl.get(k) == v for k, v in selector.items()) for lbl in pods):
         problems.append(f"Gateway {ns}/{name} selects {selector}, which no Istio gateway chart release here labels its pods with ({pods or 'none'})")
@@ -331,7 +326,191 @@ def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
         problems.append(f"Gateway {ns}/{name} has no HTTP server: neither REST nor gRPC (HTTP/2) gets in")
     elif not all(h in hosts or "*" in hosts for h in dep.hosts):
         problems.append(f"Gateway {ns}/{name} serves hosts {sorted(hosts)}, not the VirtualService's {dep.hosts}")
+    secrets = {(o.get("metadata") or {}).get("name") for o in objects if o.get("kind") == "Secret"}
+    for server in gw.get("servers") or []:
+        tls = server.get("tls") or {}
+        if str((server.get("port") or {}).get("protocol", "")).upper() == "HTTPS" and tls.get("mode", "SIMPLE") == "SIMPLE":
+            if not tls.get("credentialName"):
+                problems.append(f"Gateway {ns}/{name}: HTTPS port {server['port'].get('number')} names no tls.credentialName, so it has no certificate")
+            elif tls["credentialName"] in secrets:
+                problems.append(f"Gateway {ns}/{name}: the TLS key Secret {tls['credentialName']!r} is in Git; issue it in the cluster (cert-manager) instead")
     return problems
+
+
+def gateway_pod_labels(objects: list[dict]) -> list[dict[str, str]]:
+    """The labels of the pods each Istio gateway chart release runs."""
+    pods = []
+    for release in (o for o in objects if o.get("kind") == "HelmRelease" and _chart_name(o) == ISTIO_GATEWAY_CHART):
+        # istio 1.26.8 manifests/charts/gateway/templates/_helpers.tpl 1-7, 18-21: labels app=<name>, istio=<name minus "istio-">
+        rel = release.get("spec") or {}
+        gname = (rel.get("values") or {}).get("name") or rel.get("releaseName") or release["metadata"]["name"]
+        pods.append({"app": gname, "istio": gname.removeprefix("istio-"), **((rel.get("values") or {}).get("labels") or {})})
+    return pods
+
+
+# --- access: Istio's authentication and authorization (istio/istio 1.26.8) ------------------------
+
+ROOT_NAMESPACE = "istio-system"  # meshConfig.rootNamespace's default: policies there without a selector apply mesh-wide
+UNKNOWN_CALLER = "192.0.2.1"  # an address no allow-list names (RFC 5737 documentation range)
+
+
+def _selects(obj: dict, namespace: str, labels: dict[str, str]) -> bool:
+    """A policy applies to the workloads of its namespace that its selector matches (all, without
+    one); from the root namespace, to those of every namespace."""
+    ns = (obj.get("metadata") or {}).get("namespace")
+    match = (((obj.get("spec") or {}).get("selector") or {}).get("matchLabels")) or {}
+    return ns in (namespace, ROOT_NAMESPACE) and all(labels.get(k) == v for k, v in match.items())
+
+
+def _string_match(pattern: str, value: str | None) -> bool:
+    """Istio's string match for principals and paths (pilot/pkg/security/authz/matcher/string.go 99-117):
+    "*" is any non-empty value, a leading or trailing "*" a suffix or prefix, anything else exact."""
+    if value is None:
+        return False
+    if pattern == "*":
+        return value != ""
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+def _in_blocks(blocks: list[str], ip: str) -> bool:
+    return any(ipaddress.ip_address(ip) in ipaddress.ip_network(b, strict=False) for b in blocks)
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str  # without the query string, as Envoy's path matcher reads it
+    method: str
+    principal: str | None  # "<iss>/<sub>" of a verified JWT; None without a token
+    ip: str
+
+
+# Source and operation fields this model evaluates (model.go 118-145 builds them); a rule using any
+# other field (peer identities, hosts, ports, `when` conditions) is taken as not matching.
+_SOURCE = {"requestPrincipals": lambda v, r: any(_string_match(p, r.principal) for p in v),
+           "notRequestPrincipals": lambda v, r: not any(_string_match(p, r.principal) for p in v),
+           "remoteIpBlocks": lambda v, r: _in_blocks(v, r.ip), "notRemoteIpBlocks": lambda v, r: not _in_blocks(v, r.ip),
+           "ipBlocks": lambda v, r: _in_blocks(v, r.ip), "notIpBlocks": lambda v, r: not _in_blocks(v, r.ip)}  # fmt: skip
+_OPERATION = {"paths": lambda v, r: any(_string_match(p, r.path) for p in v),
+              "notPaths": lambda v, r: not any(_string_match(p, r.path) for p in v),
+              "methods": lambda v, r: r.method in v, "notMethods": lambda v, r: r.method not in v}  # fmt: skip
+
+
+def _all(fields: dict, known: dict, req: Request) -> bool:
+    return all(k in known and known[k](v, req) for k, v in fields.items())
+
+
+def _rule_matches(rule: dict, req: Request) -> bool:
+    """Within a rule `from`, `to` and `when` are ANDed; the entries of each are ORed; a source's or an
+    operation's fields are ANDed, the values of one field ORed (security/v1 AuthorizationPolicy)."""
+    if rule.get("when"):
+        return False
+    froms, tos = rule.get("from"), rule.get("to")
+    if froms and not any(_all(f.get("source") or {}, _SOURCE, req) for f in froms):
+        return False
+    return not tos or any(_all(t.get("operation") or {}, _OPERATION, req) for t in tos)
+
+
+@dataclass
+class Access:
+    """What one workload's sidecar or gateway enforces on a request: the JWT rules of the
+    RequestAuthentications and the AuthorizationPolicies that select it."""
+
+    jwt_rules: list[dict]
+    deny: list[dict]
+    allow: list[dict]
+
+    @classmethod
+    def of(cls, objects: list[dict], namespace: str, labels: dict[str, str]) -> Access:
+        def applying(kind: str) -> list[dict]:
+            return [o.get("spec") or {} for o in objects if o.get("kind") == kind and _selects(o, namespace, labels)]
+
+        policies = applying("AuthorizationPolicy")
+        return cls(
+            jwt_rules=[r for spec in applying("RequestAuthentication") for r in spec.get("jwtRules") or []],
+            deny=[p for p in policies if p.get("action") == "DENY"],
+            allow=[p for p in policies if p.get("action", "ALLOW") == "ALLOW"],
+        )
+
+    @classmethod
+    def ingress(cls, objects: list[dict]) -> Access:
+        """At the ingress gateway pods (the first gateway chart release's labels)."""
+        pods = gateway_pod_labels(objects)
+        return cls.of(objects, ROOT_NAMESPACE, pods[0] if pods else {})
+
+    def allows(self, req: Request) -> bool:
+        """Envoy's RBAC filters as Istio builds them (pilot/pkg/security/authz/builder/builder.go
+        114-135): DENY first; then, if any ALLOW policy applies, the request must match one of its
+        rules (an ALLOW policy without rules matches nothing)."""
+        if any(_rule_matches(r, req) for p in self.deny for r in p.get("rules") or []):
+            return False
+        return not self.allow or any(_rule_matches(r, req) for p in self.allow for r in p.get("rules") or [])
+
+
+def peer_mtls(objects: list[dict], namespace: str, labels: dict[str, str], port: int) -> tuple[str, list[str]]:
+    """The mTLS mode a pod's sidecar applies on `port`, and the workload policies in contention.
+
+    pilot/pkg/security/authn/policy_applier.go 365-433 (ComposePeerAuthentication): PERMISSIVE, then
+    the mesh's policy (root namespace, no selector), the namespace's, the workload's (a selector in
+    its namespace; the oldest of several wins), each overriding when its mode is set; a port-level
+    entry of the workload policy overrides the rest for that port."""
+    pas = [o for o in objects if o.get("kind") == "PeerAuthentication"]
+
+    def mode(mtls: dict | None) -> str | None:
+        m = (mtls or {}).get("mode")
+        return None if m in (None, "UNSET") else m
+
+    def unselected(ns: str) -> list[dict]:
+        return [o["spec"] for o in pas if o["metadata"].get("namespace") == ns and not ((o.get("spec") or {}).get("selector") or {}).get("matchLabels")]
+
+    workload = [o for o in pas if o["metadata"].get("namespace") == namespace != ROOT_NAMESPACE
+                and (sel := ((o.get("spec") or {}).get("selector") or {}).get("matchLabels"))
+                and all(labels.get(k) == v for k, v in sel.items())]  # fmt: skip
+    out = "PERMISSIVE"
+    for spec in [*unselected(ROOT_NAMESPACE)[:1], *unselected(namespace)[:1], *(o["spec"] for o in workload[:1])]:
+        out = mode(spec.get("mtls")) or out
+    if workload:
+        per_port = (workload[0]["spec"].get("portLevelMtls") or {}).get(str(port))
+        if per_port is not None:
+            out = mode(per_port) or out
+    return out, [o["metadata"]["name"] for o in workload]
+
+
+def access_problems(objects: list[dict], deployments: list[Deployment], image_env: dict[str, str], settings: dict) -> list[tuple[str, str]]:
+    """Who gets in: health open to anyone (load balancers, uptime checks), a required token once the
+    ingress verifies tokens, and metrics still scrapeable by a Prometheus outside the mesh."""
+    out = []
+    ingress = Access.ingress(objects)
+    scraped = any(o.get("kind") == "PodMonitor" for o in objects)
+    for dep in deployments:
+        where = f"SeldonDeployment/{dep.name}"
+        for name in sorted({p.graph_name for p in dep.predictors}):
+            for path in (f"{dep.http_prefix}v2/health/ready", f"{dep.http_prefix}v2/models/{name}/ready"):
+                if not ingress.allows(Request(path, "GET", None, UNKNOWN_CALLER)):
+                    out.append((where, f"the ingress refuses GET {path} without a token: health and readiness must stay open"))
+            infer = f"{dep.http_prefix}v2/models/{name}/infer"
+            if ingress.jwt_rules and ingress.allows(Request(infer, "POST", None, UNKNOWN_CALLER)):
+                out.append((where, (
+                    f"the ingress verifies tokens but lets POST {infer} in without one: a RequestAuthentication only rejects "
+                    "invalid tokens (pilot/pkg/security/authn/policy_applier.go 142-145, allow_missing); add an "
+                    "AuthorizationPolicy that requires requestPrincipals"
+                )))  # fmt: skip
+        for p in dep.predictors:
+            if p.container is None:
+                continue
+            port, _ = served_metrics(p.container, image_env, settings)
+            mode, workload = peer_mtls(objects, dep.namespace, p.labels, port)
+            if len(workload) > 1:
+                out.append((where, f"predictor '{p.name}': PeerAuthentications {', '.join(workload)} all select its pods; Istio applies only the oldest"))
+            if scraped and mode == "STRICT":
+                out.append((where, (
+                    f"predictor '{p.name}': mTLS is STRICT on metrics port {port}, so Prometheus (outside the mesh, no "
+                    "sidecar) cannot scrape it; give the port a PERMISSIVE portLevelMtls in a PeerAuthentication that selects the pods"
+                )))  # fmt: skip
+    return out
 
 
 def scaling_problems(sdep: dict) -> list[str]:
@@ -429,7 +608,7 @@ def problems(objects: list[dict], root: Path) -> list[tuple[str, str]]:
         if chart.istio_enabled:
             found += gateway_problems(objects, dep)
         out += [(_where(sdep), p) for p in found]
-    return out + podmonitor_problems(objects, deployments, image_env, settings)
+    return out + podmonitor_problems(objects, deployments, image_env, settings) + access_problems(objects, deployments, image_env, settings)
 
 
 def local_only(spec) -> list[str]:

@@ -43,7 +43,7 @@ import json
 import yaml
 
 from .registry import ResolvedVariant
-from .spec import DeploymentSpec, Environment, Trust
+from .spec import NO_AUTH, DeploymentSpec, Environment, Trust
 
 OUTPUT_DIR = "seldon"
 SERVING_IMAGE = "ghcr.io/example/mlops-serving:0.1.0"  # built from ./Dockerfile; keep in step with the project version
@@ -62,6 +62,14 @@ METRICS_PORT_NAME = "model-metrics"
 PORTS = {"http": 8080, "grpc": 8081, METRICS_PORT_NAME: 8082}
 IMAGE_UID = 1000  # the Dockerfile's USER; set on the pod, or the operator runs it as the chart's defaultUserID (8888)
 EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a model's parameters.extra from it, as JSON
+ACCESS_FILE = "access.yaml"
+# The Istio Gateway the operator's VirtualServices bind to (the chart's istio.gateway, set in
+# clusters/base/infrastructure/seldon-core.yaml) and the labels of the ingress gateway pods the
+# istio-ingressgateway HelmRelease runs.
+GATEWAY_NAMESPACE, GATEWAY_NAME = "istio-system", "seldon-gateway"
+INGRESS_LABELS = {"istio": "ingressgateway"}
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+GRPC_HEALTH = ("ServerLive", "ServerReady", "ModelReady")
 # SIGTERM comes after the operator's 10 s preStop sleep (while Istio stops routing to the pod); what is
 # left must let MLServer finish the requests it accepted: mlops/cluster.py DRAIN_SECONDS.
 GRACE_SECONDS = 45
@@ -177,6 +185,77 @@ def _weights_rule(resolved: dict[str, list[ResolvedVariant]], weights: dict[str,
     return _dump(rule) + "    rules:\n" + "".join(f"    - {line}\n" for line in lines)
 
 
+def ingress_prefix(model: str) -> str:
+    """Where a model's REST routes start at the ingress (the operator's VirtualService prefix)."""
+    return f"/seldon/{NAMESPACE}/{model}/"
+
+
+def access_objects(models: list[str], env: Environment) -> list[dict]:
+    """Who reaches the models in one environment: the Gateway (TLS from a named Secret), JWT at the
+    ingress with health paths left open, and strict mTLS between pods, as Istio objects."""
+    meta = {"labels": {"app.kubernetes.io/managed-by": "mlops"}, "namespace": GATEWAY_NAMESPACE}
+    http = {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}
+    servers = [http]
+    if env.tls:
+        http["tls"] = {"httpsRedirect": True}  # tokens never cross in plaintext
+        tls = {"mode": "SIMPLE", "credentialName": env.tls.credential_name}
+        servers.append({"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": tls})
+    docs = [{
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {**meta, "name": GATEWAY_NAME},
+        "spec": {"selector": INGRESS_LABELS, "servers": servers},
+    }]  # fmt: skip
+    if env.auth is not None and env.auth != NO_AUTH:
+        jwt = env.auth.jwt
+        selector = {"matchLabels": INGRESS_LABELS}
+        rule = {"issuer": jwt.issuer, "jwksUri": jwt.jwks_uri, "audiences": list(jwt.audiences), "forwardOriginalToken": False}
+        docs.append({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {**meta, "name": "seldon-ingress-jwt"},
+            "spec": {"selector": selector, "jwtRules": [rule]},
+        })  # fmt: skip
+        health = [p for m in models for p in (f"{ingress_prefix(m)}v2/health/ready", f"{ingress_prefix(m)}v2/models/{m}/ready")]
+        source = {"requestPrincipals": [f"{jwt.issuer}/*"]}
+        if env.auth.allow_ips:
+            source["remoteIpBlocks"] = list(env.auth.allow_ips)
+        docs.append({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {**meta, "name": "seldon-ingress"},
+            "spec": {
+                "selector": selector,
+                "action": "ALLOW",
+                "rules": [
+                    # Probes from load balancers and uptime checks need no token.
+                    {"to": [{"operation": {"methods": ["GET"], "paths": health}},
+                            {"operation": {"paths": [GRPC_SERVICE + m for m in GRPC_HEALTH]}}]},
+                    {"from": [{"source": source}],
+                     "to": [{"operation": {"paths": [ingress_prefix(m) + "*" for m in models] + [GRPC_SERVICE + "*"]}}]},
+                ],
+            },
+        })  # fmt: skip
+    pods = {"labels": {"app.kubernetes.io/managed-by": "mlops"}, "namespace": NAMESPACE}
+    docs.append({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {**pods, "name": "default"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    })  # fmt: skip
+    for m in models:
+        # Prometheus has no sidecar: its scrapes of the metrics port come in plaintext. Istio allows a
+        # port-level exception only in a policy with a selector (pkg/config/validation/validation.go 1619).
+        docs.append({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "PeerAuthentication",
+            "metadata": {**pods, "name": f"{m}-metrics"},
+            "spec": {"selector": {"matchLabels": {f"{LABEL}model": m}}, "mtls": {"mode": "STRICT"},
+                     "portLevelMtls": {str(PORTS[METRICS_PORT_NAME]): {"mode": "PERMISSIVE"}}},
+        })  # fmt: skip
+    return docs
+
+
 def _check_image(image: str) -> None:
     name = image.split("@")[0].rsplit("/", 1)[-1]
     if "@" not in image and (":" not in name or name.endswith(":latest")):
@@ -198,7 +277,9 @@ def render(spec: DeploymentSpec, resolved: dict[str, list[ResolvedVariant]], ima
     for env_name, env in sorted(spec.environments.items()):
         target = {"group": "machinelearning.seldon.io", "kind": "SeldonDeployment"}
         patches = [{"path": f"{m}.yaml", "target": {**target, "name": m}} for m in models]
-        files[f"overlays/{env_name}/kustomization.yaml"] = _kustomization(resources=["../../base", WEIGHTS_FILE], patches=patches)
+        files[f"overlays/{env_name}/kustomization.yaml"] = _kustomization(resources=["../../base", WEIGHTS_FILE, ACCESS_FILE], patches=patches)
+        docs = access_objects(models, env)
+        files[f"overlays/{env_name}/{ACCESS_FILE}"] = HEADER + "---\n".join(yaml.safe_dump(d, sort_keys=True, default_flow_style=False) for d in docs)
         for m in models:
             files[f"overlays/{env_name}/{m}.yaml"] = _patch(resolved[m], spec.models[m].weights(env_name), env)
         weights = {m: spec.models[m].weights(env_name) for m in models}

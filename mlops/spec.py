@@ -6,11 +6,13 @@ spec without reading this code.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # usable as MLServer model and Kubernetes names
 
@@ -104,11 +106,57 @@ class Autoscale(_Strict):
         return self
 
 
+class Jwt(_Strict):
+    """The identity provider whose tokens callers present (Istio RequestAuthentication's jwtRules)."""
+
+    issuer: str
+    jwks_uri: str
+    audiences: list[str] = Field(min_length=1)
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not re.match(r"^https://[^\s/]+", value):
+            raise ValueError("must be an https:// URL (tokens and keys are not fetched in plaintext)")
+        return value
+
+
+class Auth(_Strict):
+    """Who may call the models at the cluster's ingress: holders of a valid token from `jwt`, and,
+    when `allow_ips` is set, only from those networks. Health and readiness paths stay open."""
+
+    jwt: Jwt
+    allow_ips: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _networks(self) -> "Auth":
+        for net in self.allow_ips:
+            try:
+                ipaddress.ip_network(net)
+            except ValueError:
+                raise ValueError(f"allow_ips: {net!r} is not an address or network such as 203.0.113.0/24") from None
+        return self
+
+
+class Tls(_Strict):
+    """TLS at the ingress from a Secret that lives in the cluster (cert-manager's or one created out
+    of band), named here; the key itself never enters Git."""
+
+    credential_name: str = Field(pattern=NAME_RE)  # Istio Gateway tls.credentialName
+
+
+NO_AUTH = "none"
+PRODUCTION = "prod"  # the environment `mlops validate` holds to authenticated callers and TLS
+
+
 class Environment(_Strict):
     replicas: int = Field(default=1, ge=1)
     cpu: str = "250m"
     memory: str = "512Mi"
     autoscale: Autoscale | None = None  # instead of a fixed `replicas`
+    # Unset is undecided, which `mlops validate` refuses: an open ingress must be written as `none`.
+    auth: Auth | Literal["none"] | None = None
+    tls: Tls | None = None
 
     @model_validator(mode="after")
     def _one_scale(self) -> "Environment":
@@ -160,9 +208,13 @@ class DeploymentSpec(_Strict):
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    errors = err.errors()
+    first = errors[0]
+    # A union field (`auth`) tags each member's errors with the member ("literal['none']", "function-after[...]").
+    loc = ".".join(str(p) for p in first["loc"] if "[" not in str(p))
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "model_type" and any(e["type"] == "literal_error" for e in errors):
+        msg = f"must be {errors[-1]['msg'].removeprefix('Input should be ')} or a mapping"
     where = f"{loc}: " if loc else ""
     if first["type"] == "extra_forbidden":
         msg = "unknown field"

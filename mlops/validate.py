@@ -34,7 +34,7 @@ import kubernetes_validate
 import yaml
 
 from . import cluster, secrets
-from .spec import load_spec
+from .spec import NO_AUTH, PRODUCTION, DeploymentSpec, SpecError, load_spec
 from .sync import SPEC_FILE
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
@@ -318,10 +318,30 @@ def _run(root: Path, crds_dir: Path | None) -> tuple[list[str], list[Obj]]:
         # The project rules trust the object's shape, so they only see objects the schema accepts.
         problems = list(_schema_errors(obj.data, crds, crds_dir)) or [p for rule in RULES for p in rule(obj.data)]
         errors += [f"{obj.where}: {field}: {msg}" for field, msg in problems]
+    spec = root / SPEC_FILE
+    if spec.is_file():
+        try:
+            errors += spec_problems(load_spec(spec))
+        except SpecError as exc:
+            errors.append(str(exc))
     if not errors:  # the cluster model trusts shapes the schemas accepted
         for env, objs in environments(root, objects).items():
             errors += [f"clusters/{env} ({where}): {p}" for where, p in cluster.problems([o.data for o in objs], root)]
     return errors, objects
+
+
+def spec_problems(spec: DeploymentSpec) -> list[str]:
+    """Decisions the spec must state: who may call each environment; prod only with tokens and TLS."""
+    out = []
+    for name, env in sorted(spec.environments.items()):
+        where = f"{SPEC_FILE}: environments.{name}"
+        if env.auth is None:
+            out.append(f"{where}.auth: not decided; write `auth: {NO_AUTH}` for an open ingress, or `auth: {{jwt: {{issuer, jwks_uri, audiences}}}}`")
+        elif name == PRODUCTION and env.auth == NO_AUTH:
+            out.append(f"{where}.auth: `{NO_AUTH}` is refused for {PRODUCTION}: anyone who reaches the ingress could call every model; set `jwt`")
+        if name == PRODUCTION and env.tls is None:
+            out.append(f"{where}.tls: {PRODUCTION} needs TLS at the ingress (tokens must not cross in plaintext); name the certificate's Secret in `tls.credential_name`")
+    return out
 
 
 def rendered_environments(root: Path) -> dict[str, list[dict]]:

@@ -88,6 +88,16 @@ def podmonitor_relabel_configs(podmonitor: dict) -> list[dict]:
     return configs
 
 
+@dataclass
+class Ingress:
+    """One stand-in process: the ingress gateway's REST and gRPC ports."""
+
+    http: int
+    grpc: int
+    proc: subprocess.Popen
+    log: Path
+
+
 class Cluster:
     """The pods of `models` in environment `env` and the stand-in in front of them."""
 
@@ -99,7 +109,7 @@ class Cluster:
         sdeps = [o for o in self.objects if o.get("kind") == "SeldonDeployment" and o["metadata"]["name"] in models]
         self.deployments = {s["metadata"]["name"]: cluster.derive(s, self.chart) for s in sdeps}
         self.pods: list[Pod] = []
-        self.standin: subprocess.Popen | None = None
+        self.ingresses: list[Ingress] = []
         server_dir = workdir / "app-server"  # the image's /app/server
         server_dir.mkdir()
         (server_dir / "settings.json").write_text((REPO / cluster.SETTINGS_FILE).read_text())
@@ -127,9 +137,14 @@ class Cluster:
             if not wait_for(url, pod.proc, max(1.0, deadline - time.monotonic())):
                 raise AssertionError(f"pod {pod.deployment}/{pod.predictor.name} not ready at {url}:\n{pod.output()[-3000:]}")
 
-    def start_standin(self) -> None:
-        self.http, self.grpc = free_port(), free_port()
-        config = {"http_port": self.http, "grpc_port": self.grpc, "deployments": []}
+    def start_standin(self, access: list[dict] | None = None, jwks: dict[str, dict] | None = None) -> Ingress:
+        """The ingress in front of the pods, enforcing what `access` (default: this environment's
+        objects) says the gateway does; `jwks` holds each issuer's keys, as istiod inlines them after
+        fetching the jwksUri. The first one started is the cluster's own (`self.http`, `self.grpc`)."""
+        http, grpc = free_port(), free_port()
+        gate = cluster.Access.ingress(self.objects if access is None else access)
+        rules = [{**r, "jwks": (jwks or {}).get(r.get("issuer"), {"keys": []})} for r in gate.jwt_rules]
+        config = {"http_port": http, "grpc_port": grpc, "deployments": [], "access": {"jwt_rules": rules, "deny": gate.deny, "allow": gate.allow}}
         for name, dep in self.deployments.items():
             pods = {p.predictor.name: p for p in self.pods if p.deployment == name}
             config["deployments"].append({
@@ -141,20 +156,26 @@ class Cluster:
                 "mirror": dep.mirror,
                 "predictors": {n: {"graph": p.predictor.graph_name, "http": p.address("http"), "grpc": p.address("grpc")} for n, p in pods.items()},
             })  # fmt: skip
-        path = self.workdir / "standin.json"
+        n = len(self.ingresses)
+        path = self.workdir / f"standin-{n}.json"
         path.write_text(json.dumps(config))
-        self.standin_log = self.workdir / "standin.log"
-        out = open(self.standin_log, "w")
-        self.standin = subprocess.Popen([sys.executable, str(STANDIN), str(path)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        log = self.workdir / f"standin-{n}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, str(STANDIN), str(path)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        ingress = Ingress(http, grpc, proc, log)
+        self.ingresses.append(ingress)
         deadline = time.monotonic() + 30
-        while "ready" not in self.standin_log.read_text():
-            if self.standin.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"ingress stand-in did not start:\n{self.standin_log.read_text()}")
+        while "ready" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"ingress stand-in did not start:\n{log.read_text()}")
             time.sleep(0.1)
+        if n == 0:
+            self.http, self.grpc = http, grpc
+        return ingress
 
-    def rest_url(self, deployment: str) -> str:
+    def rest_url(self, deployment: str, ingress: Ingress | None = None) -> str:
         """tritonclient's url (host:port/base-path) for a deployment through the ingress."""
-        return f"127.0.0.1:{self.http}{self.deployments[deployment].http_prefix.rstrip('/')}"
+        return f"127.0.0.1:{(ingress or self).http}{self.deployments[deployment].http_prefix.rstrip('/')}"
 
     def grpc_headers(self, deployment: str) -> dict[str, str]:
         return self.deployments[deployment].grpc_headers
@@ -163,7 +184,7 @@ class Cluster:
         return [p for p in self.pods if p.deployment == deployment]
 
     def stop(self) -> None:
-        if self.standin is not None:
-            stop_group(self.standin)
+        for ingress in self.ingresses:
+            stop_group(ingress.proc)
         for pod in self.pods:
             stop_group(pod.proc)

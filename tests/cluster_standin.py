@@ -26,6 +26,19 @@ predictor_process.go 87-92, 470-484; api/rest/client.go 266-280; api/grpc/kfserv
   rest panic "Not Implemented", and with no recovery interceptor (api/grpc/server.go 57-61) the panic
   ends the executor: the caller's connection drops (UNAVAILABLE here).
 
+Istio 1.26.8 security at the gateway, from the RequestAuthentications and AuthorizationPolicies that
+select it (mlops.cluster.Access, which also holds the policy semantics `mlops validate` checks with):
+- Envoy's jwt_authn as Istio configures it (pilot/pkg/security/authn/policy_applier.go 142-275): the
+  token from `Authorization: Bearer` (gRPC metadata `authorization`); none passes with no principal
+  (allow_missing); one that fails (issuer not configured, signature not from the issuer's JWKS,
+  audience not listed, expired) is a 401 "Jwt verification fails"; a valid one gives the request
+  principal `<iss>/<sub>`;
+- then the RBAC filters (pilot/pkg/security/authz/builder/builder.go 114-135): DENY, then ALLOW
+  policies on path, method, request principal and the peer address (remoteIpBlocks with no trusted
+  proxies): a refusal is a 403 "RBAC: access denied";
+- over gRPC both are local replies, which Envoy maps to UNAUTHENTICATED and PERMISSION_DENIED.
+The issuer's JWKS comes in the config, inlined, as istiod inlines it after fetching the jwksUri.
+
 Run: python cluster_standin.py CONFIG.json; prints "ready" once both ports listen.
 """
 
@@ -38,8 +51,11 @@ import re
 import sys
 
 import grpc
+import jwt
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
+
+from mlops.cluster import Access, Request
 
 SERVICE = "/inference.GRPCInferenceService/"
 V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
@@ -79,9 +95,54 @@ class Deployment:
         return None
 
 
+class Denied(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+class Gate:
+    """The gateway's jwt_authn and RBAC filters."""
+
+    def __init__(self, config: dict):
+        self.access = Access(config["jwt_rules"], config["deny"], config["allow"])
+        self.keys = {r["issuer"]: (r, jwt.PyJWKSet.from_dict(r["jwks"]) if r["jwks"]["keys"] else None) for r in config["jwt_rules"]}
+        # forwardOriginalToken false (the default): the verified token is removed before the request goes on
+        self.strips = bool(config["jwt_rules"]) and not any(r.get("forwardOriginalToken") for r in config["jwt_rules"])
+
+    def principal(self, authorization: str | None) -> str | None:
+        if not self.keys or not authorization or not authorization.startswith("Bearer "):
+            return None
+        token = authorization.removeprefix("Bearer ")
+        try:
+            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            rule, keys = self.keys.get(issuer, (None, None))
+            if rule is None or keys is None:
+                raise Denied(401, "Jwt issuer is not configured")
+            kid = jwt.get_unverified_header(token).get("kid")
+            key = next((k for k in keys.keys if kid is None or k.key_id == kid), None)
+            if key is None:
+                raise Denied(401, "Jwt verification fails")
+            claims = jwt.decode(token, key.key, algorithms=[key.algorithm_name or "RS256"], audience=rule.get("audiences") or None,
+                                issuer=issuer, options={"verify_aud": bool(rule.get("audiences"))})  # fmt: skip
+        except jwt.ExpiredSignatureError:
+            raise Denied(401, "Jwt is expired") from None
+        except jwt.InvalidAudienceError:
+            raise Denied(401, "Audiences in Jwt are not allowed") from None
+        except jwt.PyJWTError:
+            raise Denied(401, "Jwt verification fails") from None
+        return f"{claims['iss']}/{claims.get('sub', '')}"
+
+    def check(self, path: str, method: str, authorization: str | None, peer: str) -> None:
+        """Raises Denied as the gateway would answer, before any route."""
+        if not self.access.allows(Request(path, method, self.principal(authorization), peer)):
+            raise Denied(403, "RBAC: access denied")
+
+
 class Standin:
     def __init__(self, config: dict):
         self.deployments = [Deployment(d) for d in config["deployments"] if d.get("gateway_ok")]
+        self.gate = Gate(config["access"])
         self.session: ClientSession | None = None
         self.background: set[asyncio.Task] = set()
 
@@ -94,17 +155,20 @@ class Standin:
 
     async def rest(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        try:
+            self.gate.check(path, request.method, request.headers.get("Authorization"), request.remote)
+        except Denied as exc:
+            return web.Response(status=exc.status, text=exc.text)
         dep = next((d for d in self.deployments if path.startswith(d.prefix)), None)
         if dep is None:
             return web.Response(status=404)  # Envoy: no route
         path = "/" + path[len(dep.prefix):]
         body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if not (self.gate.strips and k.lower() == "authorization")}
         shadow = dep.mirrored()
         if shadow is not None:
-            headers = dict(request.headers)
-            headers["Host"] = f"{request.host}-shadow"
-            self._later(self._executor(shadow, request.method, path, headers, body))
-        return await self._executor(dep.pick(), request.method, path, dict(request.headers), body)
+            self._later(self._executor(shadow, request.method, path, {**headers, "Host": f"{request.host}-shadow"}, body))
+        return await self._executor(dep.pick(), request.method, path, headers, body)
 
     async def _executor(self, pred: Predictor, method: str, path: str, headers: dict, body: bytes) -> web.Response:
         if m := V2_INFER.match(path):
@@ -156,9 +220,16 @@ class Standin:
                 )
 
                 async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                    peer = context.peer().split(":")[1] if context.peer().startswith("ipv4:") else context.peer()
+                    try:
+                        standin.gate.check(method, "POST", meta.get("authorization"), peer)
+                    except Denied as exc:
+                        code = grpc.StatusCode.UNAUTHENTICATED if exc.status == 401 else grpc.StatusCode.PERMISSION_DENIED
+                        await context.abort(code, exc.text)
                     if dep is None:
                         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no route (Envoy 404)")
-                    forwarded = [(k, v) for k, v in details.invocation_metadata if not k.startswith(":") and k not in ("content-type", "user-agent", "te")]
+                    dropped = ("content-type", "user-agent", "te") + (("authorization",) if standin.gate.strips else ())
+                    forwarded = [(k, v) for k, v in details.invocation_metadata if not k.startswith(":") and k not in dropped]
                     shadow = dep.mirrored()
                     if shadow is not None:
                         standin._later(standin._grpc_executor(shadow, method, request, forwarded, None))

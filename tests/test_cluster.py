@@ -158,3 +158,106 @@ def test_tritonclient_defaults_work_through_the_executor(cluster):
     result = client.infer("iris", [inp], outputs=[httpclient.InferRequestedOutput("predict"), httpclient.InferRequestedOutput("predict_proba")])
     assert result.as_numpy("predict").reshape(-1).tolist() == [0, 2]
     assert result.as_numpy("predict_proba").shape == (2, 3)
+
+
+# --- who may call: the ingress's JWT and allow-list policies (stage's, as rendered) ----------------
+
+
+class Issuer:
+    """The identity provider the spec names: a key pair whose public half is the JWKS the gateway gets."""
+
+    def __init__(self, issuer: str, kid: str = "k1"):
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.issuer, self.kid = issuer, kid
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    @property
+    def jwks(self) -> dict:
+        import jwt
+
+        return {"keys": [{**jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True), "kid": self.kid, "alg": "RS256", "use": "sig"}]}
+
+    def token(self, audience: str, lifetime: float = 300, issuer: str | None = None) -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {"iss": issuer or self.issuer, "sub": "client-app", "aud": audience, "iat": now, "exp": now + int(lifetime)}
+        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
+
+
+def _denied(call) -> str:
+    with pytest.raises(InferenceServerException) as err:
+        call()
+    return str(err.value)
+
+
+@pytest.fixture(scope="module")
+def stage_ingress(cluster):
+    """The pods behind stage's gateway policies; the issuer's keys as istiod would fetch them."""
+    from mlops.validate import rendered_environments
+
+    jwt_spec = load_spec(REPO / "deployments.yaml").environments["stage"].auth.jwt
+    issuer = Issuer(jwt_spec.issuer)
+    ingress = cluster.start_standin(rendered_environments(REPO)["stage"], {jwt_spec.issuer: issuer.jwks})
+    return ingress, issuer, jwt_spec.audiences[0]
+
+
+def test_inference_needs_a_token_of_the_issuer_and_health_does_not(cluster, stage_ingress):
+    ingress, issuer, audience = stage_ingress
+    rest = httpclient.InferenceServerClient(cluster.rest_url("iris", ingress))
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{ingress.grpc}")
+    seldon_headers = cluster.grpc_headers("iris")
+    inp = httpclient.InferInput("input-0", [1, 4], "FP64")
+    inp.set_data_from_numpy(np.array([ROW["iris"]]))
+    ginp = grpcclient.InferInput("input-0", [1, 4], "FP64")
+    ginp.set_data_from_numpy(np.array([ROW["iris"]]))
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"}  # lower-case: gRPC refuses upper-case metadata keys
+
+    # Health and readiness: open, for load balancers and uptime checks.
+    assert rest.is_server_ready() and rest.is_model_ready("iris")
+    assert grpc.is_model_ready("iris", headers=seldon_headers)
+    # No token: the ingress refuses (RBAC), over both transports; so is metadata.
+    assert "RBAC: access denied" in _denied(lambda: rest.infer("iris", [inp]))
+    assert "RBAC: access denied" in _denied(lambda: rest.get_model_metadata("iris"))
+    assert "StatusCode.PERMISSION_DENIED" in _denied(lambda: grpc.infer("iris", [ginp], headers=seldon_headers))
+    # A token that fails verification: 401 / UNAUTHENTICATED, whatever the reason.
+    stranger = Issuer(issuer.issuer)  # same issuer name, a key the JWKS does not hold
+    for token, reason in [
+        (issuer.token("another-audience"), "Audiences in Jwt are not allowed"),
+        (issuer.token(audience, lifetime=-60), "Jwt is expired"),
+        (stranger.token(audience), "Jwt verification fails"),
+        (issuer.token(audience, issuer="https://elsewhere.example/"), "Jwt issuer is not configured"),
+    ]:
+        assert reason in _denied(lambda: rest.infer("iris", [inp], headers=bearer(token))), reason
+        assert "StatusCode.UNAUTHENTICATED" in _denied(lambda: grpc.infer("iris", [ginp], headers={**seldon_headers, **bearer(token)}))
+    # The issuer's token: answered by a variant, as without the policy.
+    good = issuer.token(audience)  # (tritonclient's HTTP client adds its own headers to the dict it is given)
+    answer = rest.infer("iris", [inp], headers=bearer(good)).get_response()
+    assert answer["model_name"] == "iris" and answer["parameters"]["variant"] in _weights("iris")
+    assert grpc.infer("iris", [ginp], headers={**seldon_headers, **bearer(good)}).get_response().model_name == "iris"
+    assert rest.get_model_metadata("iris", headers=bearer(good))["name"] == "iris"
+
+
+def test_allow_list_refuses_a_valid_token_from_elsewhere(cluster, stage_ingress):
+    """With `allow_ips`, a token is not enough from an address outside the list; health stays open."""
+    from mlops import seldon
+    from mlops.spec import Auth
+
+    _, issuer, audience = stage_ingress
+    stage = load_spec(REPO / "deployments.yaml").environments["stage"]
+    jwks = {issuer.issuer: issuer.jwks}
+    token = issuer.token(audience)
+    inp = httpclient.InferInput("input-0", [1, 4], "FP64")
+    inp.set_data_from_numpy(np.array([ROW["iris"]]))
+    for allowed, passes in (("198.51.100.0/24", False), ("127.0.0.0/8", True)):
+        env = stage.model_copy(update={"auth": Auth(jwt=stage.auth.jwt, allow_ips=[allowed])})
+        ingress = cluster.start_standin(seldon.access_objects(sorted(cluster.deployments), env) + cluster.objects, jwks)
+        rest = httpclient.InferenceServerClient(cluster.rest_url("iris", ingress))
+        assert rest.is_model_ready("iris")
+        if passes:
+            assert rest.infer("iris", [inp], headers={"Authorization": f"Bearer {token}"}).get_response()["model_name"] == "iris"
+        else:
+            assert "RBAC: access denied" in _denied(lambda: rest.infer("iris", [inp], headers={"Authorization": f"Bearer {token}"}))

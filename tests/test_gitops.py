@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlops import secrets, seldon
+from mlops import cluster, secrets, seldon
 from mlops.registry import ResolvedVariant
 from mlops.spec import DeploymentSpec
 from mlops.validate import KUBECTL_MISSING, default_crds_dir, validate
@@ -30,8 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CRDS = default_crds_dir(ROOT)
 ALIAS_VERSION = "7"  # what the fake registry resolves every alias to
 
+ISSUER = "https://login.example.org/"
+JWT = {"issuer": ISSUER, "jwks_uri": f"{ISSUER}keys", "audiences": ["models"]}
 SPEC = {
-    "environments": {"dev": {}, "stage": {"replicas": 2}, "prod": {"replicas": 3, "cpu": "1", "memory": "1Gi"}},
+    "environments": {
+        "dev": {"auth": "none"},
+        "stage": {"replicas": 2, "auth": {"jwt": JWT}},
+        "prod": {"replicas": 3, "cpu": "1", "memory": "1Gi", "auth": {"jwt": JWT}, "tls": {"credential_name": "ingress-cert"}},
+    },
     "models": {
         "iris": {
             "variants": {
@@ -267,11 +273,15 @@ def chart_default_metrics_port(repo):
 
 
 def drop_gateway(repo):
-    edit(repo / "clusters/base/ingress/kustomization.yaml", "  - seldon-gateway.yaml\n", "  []\n")
+    for env in SPEC["environments"]:
+        path = repo / "seldon/overlays" / env / seldon.ACCESS_FILE
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] != "Gateway"]
+        path.write_text(yaml.safe_dump_all(docs))
 
 
 def gateway_selects_no_pods(repo):
-    edit(repo / "clusters/base/ingress/seldon-gateway.yaml", "istio: ingressgateway", "istio: ingress")
+    for env in SPEC["environments"]:
+        edit(repo / "seldon/overlays" / env / seldon.ACCESS_FILE, "  selector:\n    istio: ingressgateway", "  selector:\n    istio: ingress")
 
 
 def istio_disabled(repo):
@@ -352,6 +362,114 @@ def test_each_cluster_rule_names_environment_object_and_cause(repo, mutate, expe
     errors = validate(repo, CRDS)
     assert any(e.startswith(expected) for e in errors), "\n".join(errors)
     assert {e.split(" (", 1)[0] for e in errors} == {"clusters/dev", "clusters/prod", "clusters/stage"}
+
+
+def access_docs(repo: Path, env: str, change) -> None:
+    """Rewrite one environment's access objects with `change(docs)`."""
+    path = repo / "seldon/overlays" / env / seldon.ACCESS_FILE
+    docs = list(yaml.safe_load_all(path.read_text()))
+    change(docs)
+    path.write_text(yaml.safe_dump_all(docs))
+
+
+def policy(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "AuthorizationPolicy")
+
+
+def token_optional(repo):
+    access_docs(repo, "prod", lambda docs: policy(docs)["spec"]["rules"][1].pop("from"))
+
+
+def health_needs_token(repo):
+    access_docs(repo, "stage", lambda docs: policy(docs)["spec"]["rules"].pop(0))
+
+
+def strict_metrics_port(repo):
+    access_docs(repo, "prod", lambda docs: [d["spec"].pop("portLevelMtls") for d in docs if d["metadata"]["name"] == "iris-metrics"])
+
+
+def tls_key_in_git(repo):
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ingress-cert", "namespace": "istio-system"}, "type": "kubernetes.io/tls"}
+    access_docs(repo, "prod", lambda docs: docs.append(secret))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (token_optional, "clusters/prod (SeldonDeployment/iris): the ingress verifies tokens but lets POST /seldon/models/iris/v2/models/iris/infer in without one"),
+        (health_needs_token, "clusters/stage (SeldonDeployment/iris): the ingress refuses GET /seldon/models/iris/v2/health/ready without a token"),
+        (strict_metrics_port, "clusters/prod (SeldonDeployment/iris): predictor 'champion': mTLS is STRICT on metrics port 8082, so Prometheus"),
+        (tls_key_in_git, "clusters/prod (SeldonDeployment/iris): Gateway istio-system/seldon-gateway: the TLS key Secret 'ingress-cert' is in Git"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_each_access_rule_names_environment_object_and_cause(repo, mutate, expected):
+    mutate(repo)
+    errors = validate(repo, CRDS)
+    assert any(e.startswith(expected) for e in errors), "\n".join(errors)
+
+
+def test_access_follows_the_spec_per_environment():
+    """dev is open (but still mTLS inside), stage and prod take tokens of the issuer; prod answers HTTPS and redirects HTTP."""
+    data = copy.deepcopy(SPEC)
+    data["environments"]["stage"]["auth"]["allow_ips"] = ["203.0.113.0/24"]
+    files = render(data)
+    docs = {env: {d["kind"] + "/" + d["metadata"]["name"]: d for d in yaml.safe_load_all(files[f"overlays/{env}/{seldon.ACCESS_FILE}"])}
+            for env in SPEC["environments"]}  # fmt: skip
+    assert not any(k.startswith(("RequestAuthentication/", "AuthorizationPolicy/")) for k in docs["dev"])
+    for env in SPEC["environments"]:
+        assert docs[env]["PeerAuthentication/default"]["spec"] == {"mtls": {"mode": "STRICT"}}
+        assert f"- {seldon.ACCESS_FILE}" in files[f"overlays/{env}/kustomization.yaml"]
+    stage = cluster.Access.of(list(docs["stage"].values()), "istio-system", seldon.INGRESS_LABELS)
+    assert stage.jwt_rules == [{"issuer": ISSUER, "jwksUri": f"{ISSUER}keys", "audiences": ["models"], "forwardOriginalToken": False}]
+    user, listed, elsewhere = f"{ISSUER}/alice", "203.0.113.9", "198.51.100.7"
+    infer = "/seldon/models/iris/v2/models/iris/infer"
+    assert stage.allows(cluster.Request(infer, "POST", user, listed))
+    assert not stage.allows(cluster.Request(infer, "POST", user, elsewhere)), "a token from outside the allow-list"
+    assert not stage.allows(cluster.Request(infer, "POST", None, listed)), "no token"
+    assert not stage.allows(cluster.Request(infer, "POST", "https://other.example/alice", listed)), "another issuer's token"
+    assert stage.allows(cluster.Request("/seldon/models/iris/v2/models/iris/ready", "GET", None, elsewhere))
+    assert stage.allows(cluster.Request("/inference.GRPCInferenceService/ModelReady", "POST", None, elsewhere))
+    assert not stage.allows(cluster.Request("/inference.GRPCInferenceService/ModelInfer", "POST", None, listed))
+    servers = {s["port"]["number"]: s for s in docs["prod"]["Gateway/seldon-gateway"]["spec"]["servers"]}
+    assert servers[443]["tls"] == {"mode": "SIMPLE", "credentialName": "ingress-cert"} and servers[80]["tls"] == {"httpsRedirect": True}
+    assert "tls" not in {s["port"]["number"]: s for s in docs["stage"]["Gateway/seldon-gateway"]["spec"]["servers"]}[80]
+
+
+def test_spec_must_decide_who_may_call_each_environment():
+    from mlops.validate import spec_problems
+
+    data = copy.deepcopy(SPEC)
+    assert spec_problems(DeploymentSpec.model_validate(data)) == []
+    data["environments"]["dev"].pop("auth")
+    data["environments"]["prod"] = {"auth": "none"}
+    assert spec_problems(DeploymentSpec.model_validate(data)) == [
+        "deployments.yaml: environments.dev.auth: not decided; write `auth: none` for an open ingress, or `auth: {jwt: {issuer, jwks_uri, audiences}}`",
+        "deployments.yaml: environments.prod.auth: `none` is refused for prod: anyone who reaches the ingress could call every model; set `jwt`",
+        "deployments.yaml: environments.prod.tls: prod needs TLS at the ingress (tokens must not cross in plaintext); name the certificate's Secret in `tls.credential_name`",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ("open", "environments.dev.auth: must be 'none' or a mapping (got 'open')"),
+        ({"jwt": {**JWT, "jwks_uri": "http://login.example.org/keys"}}, "environments.dev.auth.jwt.jwks_uri: must be an https:// URL"),
+        ({"jwt": {**JWT, "audiences": []}}, "environments.dev.auth.jwt.audiences: List should have at least 1 item"),
+        ({"jwt": JWT, "allow_ips": ["10.0.0.0/33"]}, "environments.dev.auth: allow_ips: '10.0.0.0/33' is not an address or network"),
+        ({"allow_ips": ["10.0.0.0/8"]}, "environments.dev.auth.jwt: Field required"),
+    ],
+)
+def test_bad_auth_is_refused_naming_the_field(tmp_path, auth, message):
+    from mlops.spec import SpecError, load_spec
+
+    data = copy.deepcopy(SPEC)
+    data["environments"]["dev"]["auth"] = auth
+    path = tmp_path / "deployments.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert message in str(err.value)
 
 
 def test_mlops_cluster_shows_what_the_pods_run(repo, capsys):
