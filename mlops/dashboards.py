@@ -11,11 +11,12 @@ both. Thresholds of panels and alerts come from the same constants.
 Metric sources. MLServer 1.7.1: `model_infer_request_{success,failure}_total{model,version}`,
 `model_infer_request_duration{model,version}` (a summary: `_sum`/`_count` only),
 `rest_server_requests_total` / `rest_server_request_duration_seconds{method,path,status_code}`,
-`grpc_server_handled_total{grpc_code,grpc_method}` / `grpc_server_handling_seconds`,
-`parallel_request_queue` and `batch_request_queue{model_name,model_version}` (histograms of queue
-sizes). This project's runtimes (runtimes/metrics.py): `mlops_router_*` (per-variant traffic,
-latency histograms, configured weights, shadow agreement), `mlops_model_loads_total`,
-`mlops_model_ready` and `mlops_process_*` (MLServer exports no lifecycle or process metrics).
+`grpc_server_handled_total{grpc_code,grpc_method}` / `grpc_server_handling_seconds`. This
+project's runtimes (runtimes/metrics.py): `mlops_router_*` (per-variant traffic, latency
+histograms, configured weights, shadow agreement), `mlops_batch_*` (the runtime's coalescing: MLServer's
+own queue histograms exist only with parallel workers, which the shipped settings turn off),
+`mlops_model_loads_total`, `mlops_model_ready` and `mlops_process_*` (MLServer exports no lifecycle
+or process metrics).
 
 Per variant, two forms answer the same question, joined by `or` (each is empty where the other
 applies, so their union is whichever exists):
@@ -304,16 +305,15 @@ def ab() -> dict:
 def internals() -> dict:
     rest = f'{NS}, path=~".*/infer"'
     grpc = f'{NS}, grpc_method="ModelInfer"'
-    return board("mlops-internals", "MLOps / Serving internals", "MLServer queues, protocols, processes and model loads.", [
-        ("Queues", [
-            graph("Adaptive batch size", "short",
-                  [(f'sum by (model_name) (rate(batch_request_queue_sum{{{NS}, model_name=~"$model"}}[{RI}])) / sum by (model_name) (rate(batch_request_queue_count{{{NS}, model_name=~"$model"}}[{RI}]))', "{{model_name}} mean"),
-                   (f'histogram_quantile(0.95, sum by (model_name, le) (rate(batch_request_queue_bucket{{{NS}, model_name=~"$model"}}[{RI}])))', "{{model_name}} p95")],
-                  "Requests per adaptive batch, for models with max_batch_size > 1 (MLServer exports it only with parallel_workers >= 1)."),
-            graph("Parallel request queue", "short",
-                  [(f"sum(rate(parallel_request_queue_sum{{{NS}}}[{RI}])) / sum(rate(parallel_request_queue_count{{{NS}}}[{RI}]))", "mean"),
-                   (f"histogram_quantile(0.95, sum by (le) (rate(parallel_request_queue_bucket{{{NS}}}[{RI}])))", "p95")],
-                  "Requests waiting for a parallel inference worker when one was scheduled (none with parallel_workers 0)."),
+    return board("mlops-internals", "MLOps / Serving internals", "Coalescing, protocols, processes and model loads.", [
+        ("Coalescing", [
+            graph("Requests per coalesced call", "short",
+                  [(f'sum by (model) (rate(mlops_batch_requests_sum{{{SEL}}}[{RI}])) / sum by (model) (rate(mlops_batch_requests_count{{{SEL}}}[{RI}]))', "{{model}} mean"),
+                   (f'histogram_quantile(0.95, sum by (model, le) (rate(mlops_batch_requests_bucket{{{SEL}}}[{RI}])))', "{{model}} p95")],
+                  "Concurrent requests the runtime stacked into one scikit-learn call (runtimes/batching.py); 1 means no company."),
+            graph("Wait for company, p99", "s",
+                  [(f'histogram_quantile(0.99, sum by (model, le) (rate(mlops_batch_wait_seconds_bucket{{{SEL}}}[{RI}])))', "{{model}} p99")],
+                  "How long the first request of a coalesced call waited for others: two event-loop turns, microseconds when idle."),
         ]),
         ("REST vs gRPC", [
             graph("Requests by protocol", "reqps",

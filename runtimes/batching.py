@@ -21,9 +21,12 @@ estimator takes (the DataFrame), once per call.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 
 import numpy as np
+
+from .metrics import batch_metrics
 
 MAX_ROWS = 256  # a larger pending batch is split across loop turns
 
@@ -39,12 +42,15 @@ def _stack(parts: list):
 
 
 class Coalescer:
-    def __init__(self, estimator, prepare=None):
+    def __init__(self, estimator, prepare=None, name: str = ""):
         self._estimator = estimator
         self._prepare = prepare
         self._pending: dict[tuple[str, ...], list[tuple[np.ndarray, asyncio.Future]]] = defaultdict(list)
         self._rows = 0
         self._scheduled = False
+        self._since = 0.0  # when the first pending request arrived
+        metrics = batch_metrics()
+        self._size, self._wait = metrics.size.labels(name), metrics.wait.labels(name)
 
     async def predict(self, methods: tuple[str, ...], X: np.ndarray) -> list[np.ndarray]:
         """One array per method, for the rows of X."""
@@ -56,12 +62,17 @@ class Coalescer:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
+            self._since = time.perf_counter()
             loop.call_soon(loop.call_soon, self._flush)
         return await future
 
     def _flush(self) -> None:
         pending, self._pending, self._rows, self._scheduled = self._pending, defaultdict(list), 0, False
+        waited = time.perf_counter() - self._since if self._since else 0.0
+        self._since = 0.0
         for methods, items in pending.items():
+            self._size.observe(len(items))
+            self._wait.observe(waited)
             try:
                 X = items[0][0] if len(items) == 1 else _stack([x for x, _ in items])
                 results = self._predict(methods, X)

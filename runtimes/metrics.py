@@ -66,6 +66,32 @@ def router_metrics() -> RouterMetrics:
     )
 
 
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # requests per call; runtimes/batching.py MAX_ROWS caps rows at 256
+BATCH_WAIT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)
+
+
+@dataclass(frozen=True)
+class BatchMetrics:
+    size: Histogram
+    wait: Histogram
+
+
+@lru_cache(maxsize=None)
+def batch_metrics() -> BatchMetrics:
+    """What the runtimes' own coalescing does (runtimes/batching.py): MLServer's adaptive batching and
+    its queue histograms only act with parallel workers, which the shipped settings turn off."""
+    return BatchMetrics(
+        size=Histogram(
+            "mlops_batch_requests", "Requests stacked into one estimator call by the runtime's coalescing.",
+            ["model"], buckets=BATCH_SIZE_BUCKETS,
+        ),
+        wait=Histogram(
+            "mlops_batch_wait_seconds", "Time the first request of each coalesced call waited for company before the call.",
+            ["model"], buckets=BATCH_WAIT_BUCKETS,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class ModelMetrics:
     loads: Counter

@@ -281,7 +281,7 @@ class RegistrySKLearnRuntime(ReportedModel):
         mlmodel = read_mlmodel(model_dir) or {}
         columns = signature.parse_columns(mlmodel)
         self._columns = signature.ColumnDecoder(columns, self._max_values) if columns else None
-        self._coalescer = Coalescer(self._model, prepare=self._columns.frame if self._columns else None)
+        self._coalescer = Coalescer(self._model, prepare=self._columns.frame if self._columns else None, name=self.name)
         self.inputs = signature.column_metadata(columns) if columns else signature.tensor_metadata(mlmodel)
         self.outputs = signature.output_metadata(mlmodel, self._has_proba, getattr(self._model, "classes_", None))
         self._settings.platform = "sklearn" if "sklearn" in (mlmodel.get("flavors") or {}) else "mlflow_pyfunc"

@@ -3,9 +3,9 @@
 A query that parses but matches nothing would be a blank panel in Grafana, so each panel must
 return data here, in both places the platform runs:
 
-- locally: `mlops serve`, whose router splits each public name in-process; set up so that every
-  panel can have data: an inference worker, adaptive batching on one model, a shadow variant (wine),
-  failed requests;
+- locally: `mlops serve` with the shipped settings, whose router splits each public name in-process;
+  the load gives every panel data: concurrent clients (coalescing), a shadow variant (wine), failed
+  requests;
 - in a cluster: the dev environment's iris pods (tests/cluster_pods.py: real MLServers run as the
   operator leaves the generated containers), scraped as prometheus-operator scrapes the PodMonitor
   (its port name looked up in each pod, its path, its relabelings on the pod's labels), with the
@@ -18,7 +18,6 @@ adds), so one Prometheus holds both and each form is checked on its own series.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import threading
@@ -37,7 +36,7 @@ from mlops.prometheus import Prometheus, rule_file, scrape_job
 from mlops.spec import load_spec
 
 LOAD_S = 15  # seconds of load; with a 1 s scrape that is enough samples for every rate()
-BATCHED = "diabetes-champion"
+DIRECT = "diabetes-champion"
 FEATURES = {"iris": 4, "wine": 13, "diabetes": 10}
 LOCAL = {"$namespace": "", "$model": ".*", "$variant": ".*", "$__rate_interval": "1m"}  # "" matches only series without the label
 CLUSTER = {**LOCAL, "$namespace": seldon.NAMESPACE}
@@ -67,7 +66,7 @@ def _load(srv: Server, stop: threading.Event, failures: list) -> None:
     """REST and gRPC to routed and direct models."""
     rest = httpclient.InferenceServerClient(srv.url)
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc}")
-    targets = ["iris", "wine", "diabetes", "iris-champion", BATCHED]
+    targets = ["iris", "wine", "diabetes", "iris-champion", DIRECT]
     n = 0
     while not stop.is_set():
         n += 1
@@ -98,19 +97,11 @@ class Scraped:
 
 @pytest.fixture(scope="module")
 def scraped(trained, cluster, tmp_path_factory):
-    """A private local server with adaptive batching on one model, and iris's live variants as pods, all under
-    load and scraped every second."""
+    """A private local server with the shipped settings, and iris's live variants as pods, all under load and
+    scraped every second."""
     work = tmp_path_factory.mktemp("observability")
     project = work / "project"
     shutil.copytree(trained, project, symlinks=True)
-    path = project / "model-settings" / BATCHED / "model-settings.json"
-    settings = json.loads(path.read_text())
-    settings.update(max_batch_size=4, max_batch_time=0.005)
-    path.write_text(json.dumps(settings))
-    # An inference worker process, as the pods run by MLServer's default: MLServer exports its queue
-    # histograms (parallel and adaptive batching) only then.
-    path = project / "model-settings" / "settings.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "parallel_workers": 1}))
 
     weights = load_spec(project / "deployments.yaml").models[POD_MODEL].weights(POD_ENV)
     weight_rule = yaml.safe_load((project / "seldon/overlays" / POD_ENV / seldon.WEIGHTS_FILE).read_text())
@@ -212,7 +203,7 @@ def test_variable_queries_list_models_and_variants(scraped):
         answer = scraped.prom.api(f"label/{label}/values", **{"match[]": _substitute(selector, variables)})
         return set(answer["data"])
 
-    assert {"iris", "iris-champion", "wine", BATCHED} <= values("model", LOCAL)
+    assert {"iris", "iris-champion", "wine", DIRECT} <= values("model", LOCAL)
     assert {"champion", "challenger"} == values("variant", LOCAL)
     assert values("model", CLUSTER) == {POD_MODEL}, "in a cluster the model is the pods' model label"
     assert values("variant", CLUSTER) == set(scraped.weights)
@@ -261,10 +252,11 @@ def test_pod_latency_histograms_add_up(scraped):
 
 
 def test_process_and_lifecycle_metrics_are_exported(scraped):
-    """MLServer exports neither; the runtimes do, for the main process and each worker."""
+    """MLServer exports neither; the runtimes do, for the main process (and each worker, where there are
+    parallel workers; the shipped settings have none)."""
     local = '{namespace=""}'
     processes = {r["process"] for r in _series(scraped.prom, f"mlops_process_resident_memory_bytes{local}")}
-    assert processes == {"main", "worker"}
+    assert processes == {"main"}
     ready = {r["metric"]["model"]: r["value"][1] for r in scraped.prom.query(f"mlops_model_ready{local}")["data"]["result"]}
     assert ready and set(ready.values()) == {"1"}, ready
-    assert {"iris", "wine", "diabetes", BATCHED} <= set(ready)
+    assert {"iris", "wine", "diabetes", DIRECT} <= set(ready)

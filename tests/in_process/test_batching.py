@@ -125,3 +125,22 @@ def test_column_requests_are_stacked_into_one_data_frame():
     assert frames == [6]
     for chunk, answer in zip(chunks, answers):
         assert answer[0].tolist() == model.predict(chunk).tolist()
+
+
+def test_each_call_is_counted_with_its_requests_and_wait(iris):
+    """The coalescing's own metrics (the dashboards' Coalescing row): one observation per estimator call."""
+    from prometheus_client import REGISTRY
+
+    X, model = iris
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"model": "counted"}) or 0.0
+
+    before = {n: sample(n) for n in ("mlops_batch_requests_count", "mlops_batch_requests_sum", "mlops_batch_wait_seconds_count")}
+    est = Counting(model)
+    run(Coalescer(est, name="counted"), [(("predict",), X[i : i + 1]) for i in range(5)] + [(("predict_proba",), X[:2])])
+    assert est.calls == [5, 2]
+    assert sample("mlops_batch_requests_count") - before["mlops_batch_requests_count"] == 2  # two calls
+    assert sample("mlops_batch_requests_sum") - before["mlops_batch_requests_sum"] == 6  # of 5 and 1 requests
+    assert sample("mlops_batch_wait_seconds_count") - before["mlops_batch_wait_seconds_count"] == 2
+    assert 0 < sample("mlops_batch_wait_seconds_sum") < 1
