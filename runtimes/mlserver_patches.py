@@ -15,6 +15,8 @@ real server, so an MLServer upgrade that breaks one fails there.
 - Status codes MLServer has no gRPC mapping for: 413 (request too large) is RESOURCE_EXHAUSTED,
   503 is UNAVAILABLE, instead of UNKNOWN.
 - REST inference takes a shorter road to the same data plane: `runtimes/rest.py`.
+- SIGTERM drains: no new connections, every request already accepted is answered, then the process
+  exits within mlops.cluster.DRAIN_SECONDS: `runtimes/drain.py` (tests/test_shutdown.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from mlserver.grpc.utils import STATUS_CODE_MAPPING
 from mlserver.parallel.dispatcher import Dispatcher
 from mlserver.parallel.model import ParallelModel
 
-from . import rest
+from . import drain, rest
 
 READINESS_PROBE = "is_ready"  # the runtime method a worker answers with its model's readiness
 
@@ -81,3 +83,4 @@ def apply() -> None:
     STATUS_CODE_MAPPING.setdefault(413, grpc.StatusCode.RESOURCE_EXHAUSTED)
     STATUS_CODE_MAPPING.setdefault(503, grpc.StatusCode.UNAVAILABLE)
     rest.apply()
+    drain.apply()

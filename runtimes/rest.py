@@ -50,6 +50,7 @@ INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 ROUTES = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
 FORM = "application/x-www-form-urlencoded"
 _ATTR = "_mlops_fast_infer"  # per app: the FastInfer, or False where MLServer's stack must answer
+_closing = False  # set for good by close_connections(): every answer from then on closes its connection
 
 
 class FastInfer:
@@ -193,6 +194,22 @@ def _media(headers: dict[str, str]) -> str:
     return headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
 
 
+def close_connections() -> None:
+    """From now on each answer says `Connection: close`, and uvicorn closes the connection after it
+    (the drain, runtimes/drain.py): a client learns before its next request that it must reconnect."""
+    global _closing
+    _closing = True
+
+
+def _closing_send(send):
+    async def closing(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        await send(message)
+
+    return closing
+
+
 def apply() -> None:
     """Route MLServer's REST inference through FastInfer; other apps and paths are untouched."""
     original = FastAPI.__call__
@@ -200,6 +217,8 @@ def apply() -> None:
         return
 
     async def call(self, scope, receive, send):
+        if _closing and scope["type"] == "http":
+            send = _closing_send(send)
         fast = self.__dict__.get(_ATTR)
         if fast is None:
             fast = self.__dict__[_ATTR] = FastInfer.of(self, functools.partial(original, self)) or False

@@ -147,6 +147,23 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of a process's children, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    out.append((int(entry), f.read().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def scrape(srv: Server, prefix: str = "mlops_") -> dict[tuple[str, frozenset], float]:
     """The server's metric samples named `prefix*`, keyed by name and label set."""
     with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics}/metrics", timeout=10) as r:

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from conftest import Server, in_registry, mlops, scrape
+from conftest import Server, children, in_registry, mlops, scrape
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3], [7.7, 3.0, 6.1, 2.3], [5.9, 3.0, 5.1, 1.8]])
 ROUTED, DIRECT = "iris", "iris-champion"
@@ -482,23 +482,6 @@ def test_repaired_artifact_is_served_after_a_reload(broken, trained, expected):
 
 
 # --- faults: the inference worker killed ---------------------------------------------------------
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of a process's children, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-            if ppid == pid:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    out.append((int(entry), f.read().replace(b"\0", b" ").decode()))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
 
 
 def inference_workers(srv: Server) -> list[int]:
