@@ -49,6 +49,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtimes.contract import METRICS_PORT, MODEL_SETTINGS_DIR
+
 from . import seldon
 
 # seldon-core-operator chart defaults (helm-charts/seldon-core-operator/values.yaml at v1.18.2: 17-20,
@@ -67,7 +69,7 @@ TRAP_ENV = ("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", "MLSERVER_HTTP_PORT", "PREDICTI
 PRE_STOP_SECONDS = 10  # the operator's `/bin/sleep 10` preStop hook (seldondeployment_controller.go 830-833)
 DRAIN_SECONDS = 30  # after SIGTERM, for the requests a pod accepted before Istio stopped routing to it
 ISTIO_GATEWAY_CHART = "gateway"  # istio/istio manifests/charts/gateway
-SETTINGS_FILE = Path("model-settings") / "settings.json"  # copied into the image as /app/server/settings.json
+SETTINGS_FILE = Path(MODEL_SETTINGS_DIR) / "settings.json"  # copied into the image as /app/server/settings.json
 DOCKERFILE = "Dockerfile"
 
 
@@ -294,7 +296,7 @@ def server_settings(root: Path) -> dict:
 def served_metrics(container: Container, image_env: dict[str, str], settings: dict) -> tuple[int, str]:
     """Where MLServer serves its metrics in the pod: settings.json first, then the env, then its defaults."""
     env = container.environment(image_env)
-    port = settings.get("metrics_port") or env.get("MLSERVER_METRICS_PORT") or 8082
+    port = settings.get("metrics_port") or env.get("MLSERVER_METRICS_PORT") or METRICS_PORT
     path = settings.get("metrics_endpoint") or env.get("MLSERVER_METRICS_ENDPOINT") or "/metrics"
     return int(port), path
 

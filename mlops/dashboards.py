@@ -48,7 +48,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
-from .seldon import WEIGHT_METRIC
+from runtimes import contract as c
 from .sync import diff_tree
 
 MONITORING = Path("clusters/base/monitoring")
@@ -92,21 +92,21 @@ def _sel(metric: str, *matchers: str) -> str:
 def infer_rate(by: str, selector: str, window: str) -> str:
     """Requests per second by `by`, failed or not. Not `rate({__name__=~...})`: rate drops the name, and the
     success and failure series of a model would collide. Each counter only exists after its first increment."""
-    ok, failed = (f"sum by ({by}) (rate({_sel(f'model_infer_request_{k}_total', selector)}[{window}]))" for k in ("success", "failure"))
+    ok, failed = (f"sum by ({by}) (rate({_sel(name, selector)}[{window}]))" for name in (c.INFER_SUCCESS, c.INFER_FAILURE))
     return f"({ok} + {failed} or {ok} or {failed})"
 
 
 def infer_error_ratio(by: str, selector: str, window: str) -> str:
-    return f"sum by ({by}) (rate({_sel('model_infer_request_failure_total', selector)}[{window}])) / {infer_rate(by, selector, window)}"
+    return f"sum by ({by}) (rate({_sel(c.INFER_FAILURE, selector)}[{window}])) / {infer_rate(by, selector, window)}"
 
 
 def variant_requests(by: str, selector: str, window: str, errors: str | None = None, fn: str = "rate") -> str:
     """Requests answered per `by` (labels among namespace, model, variant, role): the router's counter, or
     the inference calls of the variant pods' REST and gRPC servers. errors: None (all), "any" or "server"."""
-    router = _sel("mlops_router_requests_total", selector, ROUTER_ERRORS[errors] if errors else "")
+    router = _sel(f"{c.ROUTER_REQUESTS}_total", selector, ROUTER_ERRORS[errors] if errors else "")
     rest_err, grpc_err = POD_ERRORS[errors] if errors else ("", "")
-    rest = _sel("rest_server_requests_total", selector, POD, REST_INFER, rest_err)
-    grpc = _sel("grpc_server_handled_total", selector, POD, GRPC_INFER, grpc_err)
+    rest = _sel(c.REST_REQUESTS, selector, POD, REST_INFER, rest_err)
+    grpc = _sel(c.GRPC_HANDLED, selector, POD, GRPC_INFER, grpc_err)
     return f"(sum by ({by}) ({fn}({router}[{window}])) or sum by ({by}) ({fn}({rest}[{window}]) or {fn}({grpc}[{window}])))"
 
 
@@ -120,16 +120,16 @@ def variant_latency(q: float, by: str, selector: str, window: str) -> str:
     """The q-quantile of answer time per `by`: the router's histogram, or the variant pods' REST and gRPC
     inference calls (both histograms have prometheus_client's default buckets, so they add up)."""
     by_le = f"{by}, le" if by else "le"
-    router = _sel("mlops_router_request_duration_seconds_bucket", selector)
-    rest = _sel("rest_server_request_duration_seconds_bucket", selector, POD, REST_INFER)
-    grpc = _sel("grpc_server_handling_seconds_bucket", selector, POD, GRPC_INFER)
+    router = _sel(f"{c.ROUTER_LATENCY}_bucket", selector)
+    rest = _sel(f"{c.REST_LATENCY}_bucket", selector, POD, REST_INFER)
+    grpc = _sel(f"{c.GRPC_LATENCY}_bucket", selector, POD, GRPC_INFER)
     return (f"(histogram_quantile({q}, sum by ({by_le}) (rate({router}[{window}])))"
             f" or histogram_quantile({q}, sum by ({by_le}) (rate({rest}[{window}]) or rate({grpc}[{window}]))))")  # fmt: skip
 
 
 def variant_weight(by: str, selector: str) -> str:
     """Configured weight in percent (0 for shadows): the router's gauge, or the overlay's recording rule."""
-    return f"max by ({by}) ({_sel('mlops_router_variant_weight', selector)} or {_sel(WEIGHT_METRIC, selector)})"
+    return f"max by ({by}) ({_sel(c.ROUTER_WEIGHT, selector)} or {_sel(c.VARIANT_WEIGHT, selector)})"
 
 
 def variant_share(by_v: str, by_m: str, window: str, models: str = "", variants: str = "") -> str:
@@ -201,10 +201,10 @@ def board(uid, title, description, sections):
         .time("now-1h", "now").refresh("30s").timezone("browser").tooltip(dm.DashboardCursorSync.CROSSHAIR)
         .with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus")
                        .current(dm.VariableOption(selected=True, text="Prometheus", value="prometheus")))
-        .with_variable(_variable("namespace", "Namespace", "label_values(model_infer_request_success_total, namespace)"))
-        .with_variable(_variable("model", "Model", f"label_values(model_infer_request_success_total{{{NS}}}, model)"))
+        .with_variable(_variable("namespace", "Namespace", f"label_values({c.INFER_SUCCESS}, namespace)"))
+        .with_variable(_variable("model", "Model", f"label_values({c.INFER_SUCCESS}{{{NS}}}, model)"))
         .with_variable(_variable("variant", "Variant",
-                                 f'label_values({{__name__=~"mlops_router_variant_weight|{WEIGHT_METRIC}", {SEL}}}, variant)'))
+                                 f'label_values({{__name__=~"{c.ROUTER_WEIGHT}|{c.VARIANT_WEIGHT}", {SEL}}}, variant)'))
     )  # fmt: skip
     n = 0
     for row, panels in sections:
@@ -228,13 +228,13 @@ def overview() -> dict:
     live = f'{SEL}, role="live"'
     return board("mlops-overview", "MLOps / Overview", "Every served model: traffic, errors, latency, readiness.", [
         ("Models", [
-            single("Models ready", "short", [(f"sum(max by (model, variant) (mlops_model_ready{{{SEL}}}))", "ready")],
+            single("Models ready", "short", [(f"sum(max by (model, variant) ({c.MODEL_READY}{{{SEL}}}))", "ready")],
                    "Loaded and ready: every served name of a local server (public names and their variants), "
                    "every variant of every model in a cluster.", span=6),
             single("Request rate", "reqps", [(f"sum({infer_rate('model', msel, RI)})", "requests")],
                    "Inference requests per second over the selected models (a shadow's copies excluded).", span=6),
             single("Error ratio", "percentunit",
-                   [(f"sum(rate(model_infer_request_failure_total{{{msel}}}[{RI}])) / sum({infer_rate('model', msel, RI)})", "errors")],
+                   [(f"sum(rate({c.INFER_FAILURE}{{{msel}}}[{RI}])) / sum({infer_rate('model', msel, RI)})", "errors")],
                    "Failed / all inference requests, rejected input included.",
                    thresholds=((MODEL_ERROR_RATIO / 5, "orange"), (MODEL_ERROR_RATIO, "red")), span=6),
             single("p99 latency (live)", "s", [(variant_latency(0.99, "", live, RI), "p99")],
@@ -255,11 +255,11 @@ def overview() -> dict:
                   "inference calls in a cluster (MLServer's own per-model latency is a summary without quantiles).",
                   thresholds=((P99_SECONDS, "red"),)),
             graph("Mean latency by model", "s",
-                  [(f"sum by (model) (rate(model_infer_request_duration_sum{{{msel}}}[{RI}])) / sum by (model) (rate(model_infer_request_duration_count{{{msel}}}[{RI}]))", "{{model}}")],
+                  [(f"sum by (model) (rate({c.INFER_DURATION}_sum{{{msel}}}[{RI}])) / sum by (model) (rate({c.INFER_DURATION}_count{{{msel}}}[{RI}]))", "{{model}}")],
                   "MLServer's summary per model, variants called directly included."),
         ]),
         ("Readiness", [
-            graph("Model ready", "short", [(f"max by (model, variant) (mlops_model_ready{{{SEL}}})", "{{model}} {{variant}}")],
+            graph("Model ready", "short", [(f"max by (model, variant) ({c.MODEL_READY}{{{SEL}}})", "{{model}} {{variant}}")],
                   "1 while loaded in a live worker; 0 after an unload or a failed reload.", min_=0, max_=1, span=24),
         ]),
     ])  # fmt: skip
@@ -267,8 +267,8 @@ def overview() -> dict:
 
 def ab() -> dict:
     live = f'{VSEL}, role="live"'
-    agreement = f"mlops_router_shadow_agreement_total{{{VSEL}}}"
-    agreed = f'mlops_router_shadow_agreement_total{{{VSEL}, agree="true"}}'
+    agreement = f"{c.ROUTER_AGREEMENT}_total{{{VSEL}}}"
+    agreed = f'{c.ROUTER_AGREEMENT}_total{{{VSEL}, agree="true"}}'
     return board("mlops-ab", "MLOps / A/B variants", "Per variant of each model: traffic share against weight, errors, latency, shadows.", [
         ("Traffic", [
             graph("Live request rate by variant", "reqps",
@@ -308,32 +308,32 @@ def internals() -> dict:
     return board("mlops-internals", "MLOps / Serving internals", "Coalescing, protocols, processes and model loads.", [
         ("Coalescing", [
             graph("Requests per coalesced call", "short",
-                  [(f'sum by (model) (rate(mlops_batch_requests_sum{{{SEL}}}[{RI}])) / sum by (model) (rate(mlops_batch_requests_count{{{SEL}}}[{RI}]))', "{{model}} mean"),
-                   (f'histogram_quantile(0.95, sum by (model, le) (rate(mlops_batch_requests_bucket{{{SEL}}}[{RI}])))', "{{model}} p95")],
+                  [(f'sum by (model) (rate({c.BATCH_REQUESTS}_sum{{{SEL}}}[{RI}])) / sum by (model) (rate({c.BATCH_REQUESTS}_count{{{SEL}}}[{RI}]))', "{{model}} mean"),
+                   (f'histogram_quantile(0.95, sum by (model, le) (rate({c.BATCH_REQUESTS}_bucket{{{SEL}}}[{RI}])))', "{{model}} p95")],
                   "Concurrent requests the runtime stacked into one scikit-learn call (runtimes/batching.py); 1 means no company."),
             graph("Wait for company, p99", "s",
-                  [(f'histogram_quantile(0.99, sum by (model, le) (rate(mlops_batch_wait_seconds_bucket{{{SEL}}}[{RI}])))', "{{model}} p99")],
+                  [(f'histogram_quantile(0.99, sum by (model, le) (rate({c.BATCH_WAIT}_bucket{{{SEL}}}[{RI}])))', "{{model}} p99")],
                   "How long the first request of a coalesced call waited for others: two event-loop turns, microseconds when idle."),
         ]),
         ("REST vs gRPC", [
             graph("Requests by protocol", "reqps",
-                  [(f"sum by (status_code) (rate(rest_server_requests_total{{{rest}}}[{RI}]))", "REST {{status_code}}"),
-                   (f"sum by (grpc_code) (rate(grpc_server_handled_total{{{grpc}}}[{RI}]))", "gRPC {{grpc_code}}")],
+                  [(f"sum by (status_code) (rate({c.REST_REQUESTS}{{{rest}}}[{RI}]))", "REST {{status_code}}"),
+                   (f"sum by (grpc_code) (rate({c.GRPC_HANDLED}{{{grpc}}}[{RI}]))", "gRPC {{grpc_code}}")],
                   "Inference calls by protocol and status."),
             graph("p95 latency by protocol", "s",
-                  [(f"histogram_quantile(0.95, sum by (le) (rate(rest_server_request_duration_seconds_bucket{{{rest}}}[{RI}])))", "REST p95"),
-                   (f"histogram_quantile(0.95, sum by (le) (rate(grpc_server_handling_seconds_bucket{{{grpc}}}[{RI}])))", "gRPC p95")],
+                  [(f"histogram_quantile(0.95, sum by (le) (rate({c.REST_LATENCY}_bucket{{{rest}}}[{RI}])))", "REST p95"),
+                   (f"histogram_quantile(0.95, sum by (le) (rate({c.GRPC_LATENCY}_bucket{{{grpc}}}[{RI}])))", "gRPC p95")],
                   "Server-side time of an inference call, protocol handling included.", thresholds=((P99_SECONDS, "red"),)),
         ]),
         ("Processes and models", [
             graph("CPU by process", "percentunit",
-                  [(f"sum by (process, pid) (rate(mlops_process_cpu_seconds_total{{{NS}}}[{RI}]))", "{{process}} {{pid}}")],
+                  [(f"sum by (process, pid) (rate({c.PROCESS_CPU}{{{NS}}}[{RI}]))", "{{process}} {{pid}}")],
                   "Cores used by the main MLServer process (REST, gRPC) and each inference worker.", span=8),
             graph("Resident memory by process", "bytes",
-                  [(f"max by (process, pid) (mlops_process_resident_memory_bytes{{{NS}}})", "{{process}} {{pid}}")],
+                  [(f"max by (process, pid) ({c.PROCESS_MEMORY}{{{NS}}})", "{{process}} {{pid}}")],
                   "Resident set size of each MLServer process.", span=8),
             graph("Model load events", "short",
-                  [(f"sum by (model, outcome) (increase(mlops_model_loads_total{{{SEL}}}[{RI}]))", "{{model}} {{outcome}}")],
+                  [(f"sum by (model, outcome) (increase({c.MODEL_LOADS}_total{{{SEL}}}[{RI}]))", "{{model}} {{outcome}}")],
                   "Loads and reloads (`mlops sync --reload`) per model, failed ones as outcome=error.", bars=True, span=8),
         ]),
     ])  # fmt: skip
@@ -370,8 +370,8 @@ def _alerts() -> list[tuple[dict, str]]:
     live = 'role="live"'
     # Should get traffic: locally, a public name the router splits (not the variants served beside it); in a
     # cluster, a variant pod whose configured weight is above 0.
-    routed = f"max by ({by_m}) (mlops_model_ready) == 1 and on({by_m}) max by ({by_m}) (mlops_router_variant_weight)"
-    weighted = f"max by ({by_v}) (mlops_model_ready) == 1 and on({by_v}) max by ({by_v}) ({WEIGHT_METRIC}) > 0"
+    routed = f"max by ({by_m}) ({c.MODEL_READY}) == 1 and on({by_m}) max by ({by_m}) ({c.ROUTER_WEIGHT})"
+    weighted = f"max by ({by_v}) ({c.MODEL_READY}) == 1 and on({by_v}) max by ({by_v}) ({c.VARIANT_WEIGHT}) > 0"
     return [
         _alert("MLOpsModelErrorRatioHigh", infer_error_ratio(by_m, NOT_SHADOW, "5m"), f"> {MODEL_ERROR_RATIO}",
                "5m", "warning", "{{ $labels.model }}: {{ $value | humanizePercentage }} of requests fail",
@@ -389,9 +389,9 @@ def _alerts() -> list[tuple[dict, str]]:
                "15m", "warning", "{{ $labels.model }}/{{ $labels.variant }}: live share {{ $value | printf \"%.0f\" }} points off its weight",
                "The share of live requests answered by this variant differs from its configured weight by more than "
                f"{SHARE_DRIFT_POINTS} percentage points: a variant failing to load, a stale router, or traffic skewed by sticky routing keys."),
-        _alert("MLOpsModelNotReady", f"max by ({by_v}) (mlops_model_ready)", "== 0", "5m", "critical",
+        _alert("MLOpsModelNotReady", f"max by ({by_v}) ({c.MODEL_READY})", "== 0", "5m", "critical",
                f"{MODEL_VARIANT} is not ready",
-               "The model was unloaded or its reload failed; MLServer answers 400 'not ready' for it. See mlops_model_loads_total{outcome=\"error\"}."),
+               f"The model was unloaded or its reload failed; MLServer answers 400 'not ready' for it. See {c.MODEL_LOADS}_total{{outcome=\"error\"}}."),
         _alert("MLOpsModelNoTraffic", f"(({routed}) or ({weighted}))", f"unless on({by_v}) {infer_rate(by_v, '', '15m')} > 0",
                "30m", "warning", f"{MODEL_VARIANT} receives no requests",
                "The model is ready and should get traffic (a routed public name, or a variant with a weight above 0) but received "

@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtimes.contract import SPEC_FILE, STATE_DIR
+
 from .spec import DeploymentSpec, SpecError
 
-STATE_DIR = ".mlops"
 
 
 class RegistryError(Exception):
@@ -119,7 +120,7 @@ def _describe(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def resolve(spec: DeploymentSpec, registry: Registry, spec_name: str = "deployments.yaml") -> dict[str, list[ResolvedVariant]]:
+def resolve(spec: DeploymentSpec, registry: Registry, spec_name: str = SPEC_FILE) -> dict[str, list[ResolvedVariant]]:
     """Pin every variant of every model; raise SpecError/RegistryError naming the field."""
     from mlflow.exceptions import MlflowException
 

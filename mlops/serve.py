@@ -13,11 +13,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from runtimes.contract import GRPC_PORT, HTTP_PORT, METRICS_PORT, ROUTER, RouterExtra
+
 from .registry import Registry
-from .sync import ROUTER
 
 
 LOOPBACK = "127.0.0.1"
@@ -26,9 +30,9 @@ EVERY_INTERFACE = ("0.0.0.0", "::")
 
 @dataclass(frozen=True)
 class Ports:
-    http: int = 8080
-    grpc: int = 8081
-    metrics: int = 8082
+    http: int = HTTP_PORT
+    grpc: int = GRPC_PORT
+    metrics: int = METRICS_PORT
     host: str = LOOPBACK  # the interface REST, gRPC and metrics listen on; loopback unless told otherwise
 
     @property
@@ -87,9 +91,9 @@ def sample_request(registry: Registry, model: dict) -> dict | None:
 
     try:
         params = model["parameters"]
-        uri = params.get("uri") or params["extra"]["variants"][0]["uri"]  # a router: its first variant's
+        uri = params.get("uri") or RouterExtra.model_validate(params["extra"]).variants[0].uri  # a router: its first variant's
         example = fetch(uri, registry.tracking_uri) / "input_example.json"
-    except (KeyError, IndexError, ModelLoadError):
+    except (KeyError, ValidationError, ModelLoadError):
         return None
     if not example.is_file():
         return None
@@ -103,16 +107,33 @@ def sample_request(registry: Registry, model: dict) -> dict | None:
     return {"inputs": [{"name": "input-0", "shape": [len(rows), len(rows[0])], "datatype": "FP64", "data": flat}]}
 
 
+def wait_until(done: Callable[[], bool], timeout: float, procs: Sequence[subprocess.Popen] = (), interval: float = 0.5) -> bool:
+    """True once `done()` is; False if one of `procs` exits or `timeout` seconds pass first.
+
+    `done` is asked before each wait and once after the last one, while every process runs.
+    """
+    deadline = time.monotonic() + timeout
+    while all(p.poll() is None for p in procs):
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    return False
+
+
+def answers(url: str) -> bool:
+    """`url` answers 2xx (anything else raises HTTPError, an OSError)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for(url: str, proc: subprocess.Popen, timeout: float, interval: float = 0.5) -> bool:
     """True once `url` answers 200; False if `proc` exits or `timeout` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return True  # anything but 2xx raises HTTPError, an OSError
-        except OSError:
-            time.sleep(interval)
-    return False
+    return wait_until(lambda: answers(url), timeout, [proc], interval)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -35,7 +35,7 @@ import yaml
 
 from . import cluster, secrets
 from .spec import NO_AUTH, PRODUCTION, DeploymentSpec, SpecError, load_spec
-from .sync import SPEC_FILE
+from runtimes.contract import SELDON_DIR, SPEC_FILE
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
 CRDS_ENV = "MLOPS_CRDS_DIR"
@@ -251,7 +251,7 @@ def _flux_target(root: Path, obj: Obj) -> tuple[Path | None, str | None]:
         return None, f"{obj.where}: spec.path: '{spec['path']}' is outside the repository"
     if not (target / "kustomization.yaml").is_file():
         missing = "has no kustomization.yaml" if target.exists() else "does not exist"
-        if target.is_relative_to(root / "seldon"):
+        if target.is_relative_to(root / SELDON_DIR):
             missing += " (`mlops sync` writes it)"
         return None, f"{obj.where}: spec.path: '{spec['path']}' {missing}"
     return target, None

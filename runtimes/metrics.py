@@ -16,6 +16,8 @@ from functools import lru_cache
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from . import contract
+
 # From 0.5 ms: a one-row scikit-learn prediction takes well under a millisecond.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -33,31 +35,31 @@ class RouterMetrics:
 def router_metrics() -> RouterMetrics:
     return RouterMetrics(
         requests=Counter(
-            "mlops_router_requests",
+            contract.ROUTER_REQUESTS,
             "Requests answered by each variant; role is live or shadow; outcome is ok, client_error, "
             "error, dropped (shadow queue full) or load_error.",
             ["model", "variant", "role", "outcome"],
         ),
         latency=Histogram(
-            "mlops_router_request_duration_seconds",
+            contract.ROUTER_LATENCY,
             "Time a variant took to answer, by role (live or shadow).",
             ["model", "variant", "role"],
             buckets=LATENCY_BUCKETS,
         ),
         weight=Gauge(
-            "mlops_router_variant_weight",
+            contract.ROUTER_WEIGHT,
             "Traffic weight of each variant in percent (0 for shadows): the configured one, or with fallback "
             "the share redistributed from live variants that failed to load (which get 0).",
             ["model", "variant"],
             multiprocess_mode="mostrecent",
         ),
         agreement=Counter(
-            "mlops_router_shadow_agreement",
+            contract.ROUTER_AGREEMENT,
             "Shadow answers compared with the live answer to the same request (agree=true/false).",
             ["model", "variant", "agree"],
         ),
         available=Gauge(
-            "mlops_router_variant_available",
+            contract.ROUTER_AVAILABLE,
             "1 if the variant loaded in its router, 0 if it failed to (the router then serves from the "
             "other live variants when the spec sets fallback, or is not ready).",
             ["model", "variant"],
@@ -82,11 +84,11 @@ def batch_metrics() -> BatchMetrics:
     its queue histograms only act with parallel workers, which the shipped settings turn off."""
     return BatchMetrics(
         size=Histogram(
-            "mlops_batch_requests", "Requests stacked into one estimator call by the runtime's coalescing.",
+            contract.BATCH_REQUESTS, "Requests stacked into one estimator call by the runtime's coalescing.",
             ["model"], buckets=BATCH_SIZE_BUCKETS,
         ),
         wait=Histogram(
-            "mlops_batch_wait_seconds", "Time the first request of each coalesced call waited for company before the call.",
+            contract.BATCH_WAIT, "Time the first request of each coalesced call waited for company before the call.",
             ["model"], buckets=BATCH_WAIT_BUCKETS,
         ),
     )
@@ -105,14 +107,14 @@ def model_metrics() -> ModelMetrics:
     # MLServer 1.7.1 exports neither model lifecycle nor process metrics (its multi-process
     # collector leaves out prometheus_client's process collector), so the runtimes do.
     return ModelMetrics(
-        loads=Counter("mlops_model_loads", "Model loads in this server, by outcome (ok or error).", ["model", "outcome"]),
-        ready=Gauge("mlops_model_ready", "1 while the model is loaded and ready in a live worker.", ["model"], multiprocess_mode="livemax"),
+        loads=Counter(contract.MODEL_LOADS, "Model loads in this server, by outcome (ok or error).", ["model", "outcome"]),
+        ready=Gauge(contract.MODEL_READY, "1 while the model is loaded and ready in a live worker.", ["model"], multiprocess_mode="livemax"),
         cpu=Gauge(
-            "mlops_process_cpu_seconds_total", "CPU time (user + system) of an MLServer process.",
+            contract.PROCESS_CPU, "CPU time (user + system) of an MLServer process.",
             ["process", "pid"], multiprocess_mode="livemostrecent",
         ),
         memory=Gauge(
-            "mlops_process_resident_memory_bytes", "Resident memory of an MLServer process.",
+            contract.PROCESS_MEMORY, "Resident memory of an MLServer process.",
             ["process", "pid"], multiprocess_mode="livemostrecent",
         ),
     )

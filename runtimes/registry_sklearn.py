@@ -32,9 +32,11 @@ from mlserver.errors import InferenceError, InvalidModelURI, MLServerError
 from mlserver.model import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 from mlserver.utils import get_model_uri
+from pydantic import ValidationError
 
 from . import integrity, metrics, mlserver_patches, signature
 from .batching import Coalescer
+from .contract import SPEC_FILE, RuntimeExtra
 from .signature import MAX_MAGNITUDE, RequestTooLarge
 
 PREDICT = "predict"
@@ -260,22 +262,26 @@ class ReportedModel(MLModel):
 class RegistrySKLearnRuntime(ReportedModel):
     async def load_model(self) -> None:
         """Load without reporting readiness: a router loads its variants this way, under its own name."""
-        extra = (self.settings.parameters.extra or {}) if self.settings.parameters else {}
+        try:
+            extra = RuntimeExtra.model_validate((self.settings.parameters.extra or {}) if self.settings.parameters else {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ModelLoadError(f"model '{self.name}': parameters.extra.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
         try:
             uri = await get_model_uri(self.settings)
         except InvalidModelURI:
             raise ModelLoadError(f"model artifact not found at {self.settings.parameters.uri}") from None
         model_dir = fetch(uri)
-        registered = extra.get("registered_model")
+        registered = extra.registered_model
         self._model = load_estimator(
             model_dir,
-            extra_trusted=extra.get("skops_trusted_types", []),
-            allow_pickle=bool(extra.get("allow_pickle", False)),
-            trust=f"deployments.yaml models.{registered}.trust" if registered else "parameters.extra",
+            extra_trusted=extra.skops_trusted_types,
+            allow_pickle=extra.allow_pickle,
+            trust=f"{SPEC_FILE} models.{registered}.trust" if registered else "parameters.extra",
         )
-        self._default_output = extra.get("predict_fn", PREDICT)
-        self._variant = extra.get("variant")
-        self._max_values = int(extra.get("max_request_values", MAX_REQUEST_VALUES))
+        self._default_output = extra.predict_fn or PREDICT
+        self._variant = extra.variant
+        self._max_values = extra.max_request_values or MAX_REQUEST_VALUES
         self._n_features = getattr(self._model, "n_features_in_", None)
         self._has_proba = hasattr(self._model, PREDICT_PROBA)
         mlmodel = read_mlmodel(model_dir) or {}

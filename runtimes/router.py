@@ -37,7 +37,10 @@ from mlserver.model import MLModel
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
+from pydantic import ValidationError
+
 from . import metrics
+from .contract import RouterExtra, VariantRoute
 from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, ReportedModel, retry_later
 
 logger = logging.getLogger("mlserver.router")
@@ -63,6 +66,20 @@ def bucket(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % BUCKETS
 
 
+def routing_table(live: list[Variant]) -> list[tuple[int, Variant]]:
+    """(upper bucket, variant): consecutive bucket ranges in spec order, each in proportion to its weight.
+
+    The weights count as shares of their sum, so a failed live variant's weight (it is not in `live`)
+    goes to the others in proportion; with none failed the sum is 100. `live` has some weight.
+    """
+    total = sum(v.weight for v in live)
+    table, cumulative = [], 0
+    for v in live:
+        cumulative += v.weight
+        table.append((cumulative * BUCKETS // total, v))
+    return table
+
+
 def routing_key(payload: InferenceRequest) -> str | None:
     params = payload.parameters
     if params is None:
@@ -86,21 +103,23 @@ def agree(live: InferenceResponse, shadow: InferenceResponse) -> bool:
 
 class RouterRuntime(ReportedModel):
     async def load_model(self) -> None:
-        extra = self.settings.parameters.extra or {}
-        specs = extra.get("variants") or []
-        if not specs:
-            raise ModelLoadError(f"router '{self.name}' lists no variants in parameters.extra.variants")
-        fallback = bool(extra.get("fallback", False))
+        try:
+            extra = RouterExtra.model_validate(self.settings.parameters.extra or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ModelLoadError(f"router '{self.name}': parameters.extra.{where}: {first['msg']}") from None
+        specs, fallback = extra.variants, extra.fallback
         self._metrics = m = metrics.router_metrics()
         self._variants: list[Variant] = []
         failed = []
         for spec in specs:
             model = await self._load_variant(spec, extra, fallback)
             if model is not None:
-                m.available.labels(self.name, spec["name"]).set(1)
-                self._variants.append(Variant(spec["name"], str(spec["version"]), int(spec["weight"]), bool(spec["shadow"]), model))
-            elif not spec.get("shadow"):
-                failed.append(spec["name"])
+                m.available.labels(self.name, spec.name).set(1)
+                self._variants.append(Variant(spec.name, spec.version, spec.weight, spec.shadow, model))
+            elif not spec.shadow:
+                failed.append(spec.name)
         self._live = [v for v in self._variants if not v.shadow]
         self._shadows = [v for v in self._variants if v.shadow]
         if self._live:  # the public name takes and gives what its variants do (the first live one's signature)
@@ -112,11 +131,7 @@ class RouterRuntime(ReportedModel):
         if not total:
             after = f" after {', '.join(failed)} failed to load" if failed else ""
             raise ModelLoadError(f"router '{self.name}': no live variant with weight is left{after}")
-        # Failed live variants' weight goes to the others in proportion; with none failed, total is 100.
-        self._table, cumulative = [], 0
-        for v in self._live:
-            cumulative += v.weight
-            self._table.append((cumulative * BUCKETS // total, v))
+        self._table = routing_table(self._live)
         for v in self._variants:
             m.weight.labels(self.name, v.name).set(0 if v.shadow else v.weight * 100 / total)
         for name in failed:
@@ -128,12 +143,12 @@ class RouterRuntime(ReportedModel):
             )
         self._queue: asyncio.Queue | None = None
 
-    async def _load_variant(self, spec: dict, extra: dict, fallback: bool) -> MLModel | None:
+    async def _load_variant(self, spec: VariantRoute, extra: RouterExtra, fallback: bool) -> MLModel | None:
         """The variant's model, or None when it failed to load and the router may go on without it."""
         settings = ModelSettings(
-            name=f"{self.name}-{spec['name']}",
+            name=f"{self.name}-{spec.name}",
             implementation=RegistrySKLearnRuntime,
-            parameters=ModelParameters(uri=spec["uri"], version=str(spec["version"]), extra=extra.get("runtime", {})),
+            parameters=ModelParameters(uri=spec.uri, version=spec.version, extra=extra.runtime.model_dump(exclude_unset=True)),
         )
         settings._source = self.settings._source
         model = RegistrySKLearnRuntime(settings)
@@ -142,16 +157,16 @@ class RouterRuntime(ReportedModel):
         except Exception as exc:
             if retry_later(exc):
                 raise  # the router as a whole tries again (ReportedModel)
-            self._metrics.available.labels(self.name, spec["name"]).set(0)
-            role = "shadow" if spec.get("shadow") else "live"
+            self._metrics.available.labels(self.name, spec.name).set(0)
+            role = "shadow" if spec.shadow else "live"
             if role == "live" and not fallback:
                 raise ModelLoadError(
-                    f"router '{self.name}': live variant '{spec['name']}' ({spec['uri']}) failed to load: {exc} "
+                    f"router '{self.name}': live variant '{spec.name}' ({spec.uri}) failed to load: {exc} "
                     "(with fallback: true in the spec the router would serve from the other variants)"
                 ) from None
             then = "shadowing disabled for it" if role == "shadow" else "its weight goes to the other live variants (fallback)"
-            logger.error("router %s: %s variant %s (%s) not loaded, %s: %s", self.name, role, spec["name"], spec["uri"], then, exc)
-            self._metrics.requests.labels(self.name, spec["name"], role, "load_error").inc()
+            logger.error("router %s: %s variant %s (%s) not loaded, %s: %s", self.name, role, spec.name, spec.uri, then, exc)
+            self._metrics.requests.labels(self.name, spec.name, role, "load_error").inc()
             return None
         return model
 

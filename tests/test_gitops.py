@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from mlops import cluster, secrets, seldon
+from runtimes.contract import SELDON_DIR, VARIANT_WEIGHT
 from mlops.registry import ResolvedVariant
 from mlops.spec import DeploymentSpec
 from mlops.validate import KUBECTL_MISSING, default_crds_dir, validate
@@ -74,7 +75,7 @@ def repo(tmp_path: Path) -> Path:
     for rel in ("Dockerfile", "model-settings/settings.json"):  # the image, whose ENV, USER and settings the pods run with
         shutil.copy(ROOT / rel, tmp_path / rel)
     for rel, text in render().items():
-        path = tmp_path / seldon.OUTPUT_DIR / rel
+        path = tmp_path / SELDON_DIR / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return tmp_path
@@ -170,7 +171,7 @@ def test_changing_one_weight_changes_only_traffic_lines():
     assert sorted(diffs) == [f"overlays/{env}/{name}" for env in ("dev", "stage") for name in ("iris.yaml", seldon.WEIGHTS_FILE)]
     for rel, lines in diffs.items():
         if rel.endswith(seldon.WEIGHTS_FILE):
-            assert len(lines) == 4 and all(f"record: {seldon.WEIGHT_METRIC}, expr: vector(" in line and "model: iris," in line for line in lines), lines
+            assert len(lines) == 4 and all(f"record: {VARIANT_WEIGHT}, expr: vector(" in line and "model: iris," in line for line in lines), lines
             assert sorted(line[:1] + line.split("vector(")[1].split(")")[0] for line in lines) == ["+25", "+75", "-10", "-90"], lines
         else:
             assert len(lines) == 4 and all("/traffic," in line for line in lines), lines

@@ -1,0 +1,89 @@
+"""The serving contract: what `mlops sync` writes and the runtimes read, and the names both sides share.
+
+`mlops` (sync, seldon, serve, dashboards, cluster) and the runtimes import it; it imports nothing of
+MLServer, so the CLI can use it without touching the serving process's patches. A fact written here
+is written nowhere else: a port, an implementation path, a `parameters.extra` field or a metric name
+that changes here changes on both sides.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --- where things are --------------------------------------------------------------------------
+
+SPEC_FILE = "deployments.yaml"
+MODEL_SETTINGS_DIR = "model-settings"  # served by `mlops serve`; its settings.json is the image's
+SELDON_DIR = "seldon"
+STATE_DIR = ".mlops"  # the embedded registry and local run state, beside the spec
+
+RUNTIME = "runtimes.registry_sklearn.RegistrySKLearnRuntime"
+ROUTER = "runtimes.router.RouterRuntime"
+
+# MLServer's default ports, which the image, the pods and `mlops serve` all use.
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8080, 8081, 8082
+
+EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a single model's parameters.extra from it, as JSON
+
+
+# --- parameters.extra --------------------------------------------------------------------------
+
+
+class _Extra(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuntimeExtra(_Extra):
+    """`parameters.extra` of a variant's runtime (runtimes/registry_sklearn.py), locally in its
+    model-settings and in a pod in MLSERVER_MODEL_EXTRA."""
+
+    registered_model: str | None = None  # names the spec's `models.<name>` in trust errors
+    variant: str | None = None  # reported as each answer's `parameters.variant`
+    alias: str | None = None
+    shadow: bool = False
+    allow_pickle: bool = False
+    skops_trusted_types: list[str] = Field(default_factory=list)
+    predict_fn: str | None = None  # the default output, `predict` unless set
+    max_request_values: int | None = Field(default=None, ge=1)
+
+
+class VariantRoute(_Extra):
+    """One variant in a router's `parameters.extra.variants`."""
+
+    name: str
+    shadow: bool = False
+    uri: str
+    version: str
+    weight: int = Field(ge=0, le=100)
+
+
+class RouterExtra(_Extra):
+    """`parameters.extra` of a routed public name (runtimes/router.py)."""
+
+    variants: list[VariantRoute] = Field(min_length=1)
+    runtime: RuntimeExtra = Field(default_factory=RuntimeExtra)  # passed on to each variant's runtime
+    fallback: bool = False
+
+
+# --- metrics -----------------------------------------------------------------------------------
+# This project's (runtimes/metrics.py; counters without the `_total` Prometheus adds) ...
+ROUTER_REQUESTS = "mlops_router_requests"
+ROUTER_LATENCY = "mlops_router_request_duration_seconds"
+ROUTER_WEIGHT = "mlops_router_variant_weight"
+ROUTER_AGREEMENT = "mlops_router_shadow_agreement"
+ROUTER_AVAILABLE = "mlops_router_variant_available"
+BATCH_REQUESTS = "mlops_batch_requests"
+BATCH_WAIT = "mlops_batch_wait_seconds"
+MODEL_LOADS = "mlops_model_loads"
+MODEL_READY = "mlops_model_ready"
+PROCESS_CPU = "mlops_process_cpu_seconds_total"
+PROCESS_MEMORY = "mlops_process_resident_memory_bytes"
+VARIANT_WEIGHT = "mlops_variant_weight"  # recorded per environment by the rule `mlops sync` writes
+# ... and MLServer 1.7.1's, which the dashboards and alerts read.
+INFER_SUCCESS = "model_infer_request_success_total"
+INFER_FAILURE = "model_infer_request_failure_total"
+INFER_DURATION = "model_infer_request_duration"  # a summary: _sum and _count
+REST_REQUESTS = "rest_server_requests_total"
+REST_LATENCY = "rest_server_request_duration_seconds"
+GRPC_HANDLED = "grpc_server_handled_total"
+GRPC_LATENCY = "grpc_server_handling_seconds"

@@ -1,0 +1,45 @@
+"""The serving contract (runtimes/contract.py): what sync writes is what the runtimes read, and a
+hand-edited model-settings file that breaks it is refused at load, naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mlserver.settings import ModelParameters, ModelSettings
+
+from mlops.registry import ResolvedVariant
+from mlops.spec import Trust
+from mlops.sync import router_settings, variant_settings
+from runtimes.contract import RouterExtra, RuntimeExtra
+from runtimes.registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
+from runtimes.router import RouterRuntime
+
+VARIANTS = [ResolvedVariant("iris", "champion", "3", "champion", 90, False), ResolvedVariant("iris", "shadow", "4", None, 0, True)]
+
+
+def test_what_sync_writes_reads_back_unchanged():
+    trust = Trust(allow_pickle=True, skops_trusted_types=["sklearn.tree._tree.Tree"])
+    extra = router_settings("iris", VARIANTS, fallback=True, trust=trust)["parameters"]["extra"]
+    parsed = RouterExtra.model_validate(extra)
+    assert parsed.model_dump(exclude_unset=True) == extra
+    assert [(v.name, v.version, v.weight, v.shadow) for v in parsed.variants] == [("champion", "3", 90, False), ("shadow", "4", 0, True)]
+    assert parsed.fallback and parsed.runtime.allow_pickle and parsed.runtime.registered_model == "iris"
+    variant = variant_settings(VARIANTS[0], trust)["parameters"]["extra"]
+    assert RuntimeExtra.model_validate(variant).model_dump(exclude_unset=True) == variant
+
+
+@pytest.mark.parametrize(
+    ("runtime", "extra", "message"),
+    [
+        (RouterRuntime, {"variants": []}, "router 'iris': parameters.extra.variants: List should have at least 1 item"),
+        (RouterRuntime, {"variants": [{"name": "a", "uri": "models:/iris/1", "version": "1", "weight": 120}]}, "parameters.extra.variants.0.weight: Input should be less than or equal to 100"),
+        (RouterRuntime, {"variants": [{"name": "a", "uri": "models:/iris/1", "version": "1", "weight": 100}], "fallbak": True}, "parameters.extra.fallbak: Extra inputs are not permitted"),
+        (RegistrySKLearnRuntime, {"allow_pickle": "perhaps"}, "model 'iris': parameters.extra.allow_pickle: Input should be a valid boolean"),
+    ],
+)
+def test_settings_that_break_the_contract_are_refused_naming_the_field(runtime, extra, message):
+    model = runtime(ModelSettings(name="iris", implementation=runtime, parameters=ModelParameters(uri="models:/iris/1", extra=extra)))
+    with pytest.raises(ModelLoadError) as err:
+        asyncio.run(model.load_model())
+    assert message in str(err.value)
