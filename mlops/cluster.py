@@ -204,7 +204,7 @@ def _operator_container(con: dict, pod: dict, predictor: dict, sdep_name: str, c
     dropped: list[str] = []
     if not any(n == "PREDICTIVE_UNIT_SERVICE_PORT" for n, _ in env):
         env.append(("PREDICTIVE_UNIT_SERVICE_PORT", str(http)))
-    for var, value in zip(TRAP_ENV, (http, http, grpc, grpc)):
+    for var, value in zip(TRAP_ENV, (http, http, grpc, grpc), strict=True):
         env = _set_env(env, var, str(value), dropped)
     graph = predictor.get("graph") or {}
     if graph.get("parameters"):
@@ -605,7 +605,7 @@ def problems(objects: list[dict], root: Path) -> list[tuple[str, str]]:
     image_env, image_user = image_config(root)
     settings = server_settings(root)
     deployments = [derive(s, chart) for s in sdeps]
-    for sdep, dep in zip(sdeps, deployments):
+    for sdep, dep in zip(sdeps, deployments, strict=True):
         found = deployment_problems(dep, chart, image_env, image_user, settings) + scaling_problems(sdep)
         if chart.istio_enabled:
             found += gateway_problems(objects, dep)
@@ -649,7 +649,7 @@ def describe(objects: list[dict], root: Path) -> list[dict]:
                     "model": p.graph_name,
                     **({
                         "ports": p.container.ports,
-                        "metrics": dict(zip(("port", "path"), served_metrics(p.container, image_env, settings))),
+                        "metrics": dict(zip(("port", "path"), served_metrics(p.container, image_env, settings), strict=True)),
                         "runAsUser": p.container.run_as_user,
                         "probes": p.container.probes,
                         "preStop": ["/bin/sh", "-c", f"/bin/sleep {p.container.pre_stop_seconds}"] if p.container.pre_stop_seconds else None,

@@ -20,7 +20,6 @@ from runtimes.contract import SPEC_FILE, STATE_DIR
 from .spec import DeploymentSpec, SpecError
 
 
-
 class RegistryError(Exception):
     """The registry cannot be reached or does not hold what the spec names."""
 

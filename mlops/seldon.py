@@ -42,7 +42,7 @@ import json
 
 import yaml
 
-from runtimes.contract import EXTRA_ENV, GRPC_PORT, HTTP_PORT, METRICS_PORT, RUNTIME, SELDON_DIR, VARIANT_WEIGHT, RuntimeExtra
+from runtimes.contract import EXTRA_ENV, GRPC_PORT, HTTP_PORT, METRICS_PORT, RUNTIME, VARIANT_WEIGHT, RuntimeExtra
 
 from .registry import ResolvedVariant
 from .spec import NO_AUTH, DeploymentSpec, Environment, Trust

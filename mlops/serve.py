@@ -23,7 +23,6 @@ from runtimes.contract import GRPC_PORT, HTTP_PORT, METRICS_PORT, ROUTER, Router
 
 from .registry import Registry
 
-
 LOOPBACK = "127.0.0.1"
 EVERY_INTERFACE = ("0.0.0.0", "::")
 

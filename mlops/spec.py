@@ -32,7 +32,7 @@ class Variant(_Strict):
     shadow: bool = False
 
     @model_validator(mode="after")
-    def _one_reference(self) -> "Variant":
+    def _one_reference(self) -> Variant:
         if (self.alias is None) == (self.version is None):
             raise ValueError("name exactly one of 'alias' or 'version'")
         if self.alias is not None and self.alias.lower() == "latest":
@@ -60,7 +60,7 @@ class Trust(_Strict):
     skops_trusted_types: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _types(self) -> "Trust":
+    def _types(self) -> Trust:
         for name in self.skops_trusted_types:
             if not isinstance(name, str) or not re.match(SKOPS_TYPE_RE, name):
                 raise ValueError(f"skops_trusted_types: {name!r} is not a dotted type name such as sklearn.tree._tree.Tree")
@@ -100,7 +100,7 @@ class Autoscale(_Strict):
     cpu_percent: int = Field(default=70, ge=1, le=100)
 
     @model_validator(mode="after")
-    def _range(self) -> "Autoscale":
+    def _range(self) -> Autoscale:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         return self
@@ -129,7 +129,7 @@ class Auth(_Strict):
     allow_ips: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _networks(self) -> "Auth":
+    def _networks(self) -> Auth:
         for net in self.allow_ips:
             try:
                 ipaddress.ip_network(net)
@@ -159,7 +159,7 @@ class Environment(_Strict):
     tls: Tls | None = None
 
     @model_validator(mode="after")
-    def _one_scale(self) -> "Environment":
+    def _one_scale(self) -> Environment:
         if self.autoscale is not None and "replicas" in self.model_fields_set:
             raise ValueError("set either 'replicas' or 'autoscale', not both")
         return self
@@ -176,7 +176,7 @@ class DeploymentSpec(_Strict):
     models: dict[str, Model] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "DeploymentSpec":
+    def _check(self) -> DeploymentSpec:
         for name in [*self.models, *self.environments]:
             if not re.match(NAME_RE, name):
                 raise ValueError(f"'{name}' must be lower-case letters, digits and '-'")

@@ -33,9 +33,10 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from runtimes.contract import SELDON_DIR, SPEC_FILE
+
 from . import cluster, secrets
 from .spec import NO_AUTH, PRODUCTION, DeploymentSpec, SpecError, load_spec
-from runtimes.contract import SELDON_DIR, SPEC_FILE
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
 CRDS_ENV = "MLOPS_CRDS_DIR"
@@ -267,7 +268,7 @@ def _render(root: Path, kubectl: str) -> tuple[list[Obj], list[str]]:
         while wave:
             seen.update(wave)
             next_wave = []
-            for path, docs in zip(wave, pool.map(lambda p: _kustomize(kubectl, p), wave)):
+            for path, docs in zip(wave, pool.map(lambda p: _kustomize(kubectl, p), wave), strict=True):
                 rel = path.relative_to(root).as_posix()
                 if isinstance(docs, str):
                     errors.append(f"{rel}: kubectl kustomize failed: {docs}")

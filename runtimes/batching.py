@@ -45,14 +45,14 @@ class Coalescer:
     def __init__(self, estimator, prepare=None, name: str = ""):
         self._estimator = estimator
         self._prepare = prepare
-        self._pending: dict[tuple[str, ...], list[tuple[np.ndarray, asyncio.Future]]] = defaultdict(list)
+        self._pending: dict[tuple[str, ...], list[tuple[np.ndarray | dict[str, np.ndarray], asyncio.Future]]] = defaultdict(list)
         self._rows = 0
         self._scheduled = False
         self._since = 0.0  # when the first pending request arrived
         metrics = batch_metrics()
         self._size, self._wait = metrics.size.labels(name), metrics.wait.labels(name)
 
-    async def predict(self, methods: tuple[str, ...], X: np.ndarray) -> list[np.ndarray]:
+    async def predict(self, methods: tuple[str, ...], X: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """One array per method, for the rows of X."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()

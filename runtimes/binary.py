@@ -88,14 +88,14 @@ def wanted(request: dict) -> set[str] | bool:
     params = request.get("parameters") or {}
     if isinstance(params, dict) and params.get("binary_data_output"):
         return True
-    return {o.get("name") for o in request.get("outputs") or [] if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
+    return {str(o.get("name")) for o in request.get("outputs") or [] if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
 
 
 def write_response(response: dict, binary: set[str] | bool) -> tuple[bytes, int | None]:
     """The answer's body, and the JSON header's length when any output went binary."""
     blobs = []
     for out in response.get("outputs") or []:
-        if binary is not True and out.get("name") not in binary:
+        if isinstance(binary, set) and out.get("name") not in binary:
             continue
         data = out.pop("data", None)
         if out.get("datatype") == "BYTES":

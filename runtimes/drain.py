@@ -137,7 +137,7 @@ async def _drain_rest(uv: uvicorn.Server, deadline: float) -> int:
             if not cycle.response_started:
                 cycle.keep_alive = False  # uvicorn adds Connection: close to the answer
         elif getattr(conn, "timeout_keep_alive_task", False) is None:  # open, but never carried a request
-            conn.timeout_keep_alive_task = loop.call_later(conn.timeout_keep_alive, conn.timeout_keep_alive_handler)
+            conn.timeout_keep_alive_task = loop.call_later(conn.timeout_keep_alive, conn.timeout_keep_alive_handler)  # type: ignore[union-attr]
     while (state.connections or state.tasks) and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
     cut_off = len(state.tasks)

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from collections import Counter as Tally
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -31,7 +31,7 @@ class RouterMetrics:
     available: Gauge
 
 
-@lru_cache(maxsize=None)
+@cache
 def router_metrics() -> RouterMetrics:
     return RouterMetrics(
         requests=Counter(
@@ -78,7 +78,7 @@ class BatchMetrics:
     wait: Histogram
 
 
-@lru_cache(maxsize=None)
+@cache
 def batch_metrics() -> BatchMetrics:
     """What the runtimes' own coalescing does (runtimes/batching.py): MLServer's adaptive batching and
     its queue histograms only act with parallel workers, which the shipped settings turn off."""
@@ -102,7 +102,7 @@ class ModelMetrics:
     memory: Gauge
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_metrics() -> ModelMetrics:
     # MLServer 1.7.1 exports neither model lifecycle nor process metrics (its multi-process
     # collector leaves out prometheus_client's process collector), so the runtimes do.

@@ -59,7 +59,7 @@ def _wrap_request_converter(to_types):
                 "the elements of its input's shape, in its datatype's binary form)"
             ) from None
 
-    wrapped.mlops_patched = True
+    wrapped.mlops_patched = True  # type: ignore[attr-defined]
     return classmethod(wrapped)
 
 
@@ -70,7 +70,7 @@ def _wrap_get_worker(get_worker):
         except StopIteration:  # the round robin is empty until a restarted worker has loaded its models
             raise WorkerUnavailable() from None
 
-    wrapped.mlops_patched = True
+    wrapped.mlops_patched = True  # type: ignore[attr-defined]
     return wrapped
 
 

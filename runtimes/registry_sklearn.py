@@ -21,6 +21,7 @@ import gc
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -125,7 +126,7 @@ def read_mlmodel(model_dir: Path) -> dict | None:
         raise ModelLoadError(f"{path}: unreadable MLmodel file ({exc})") from None
 
 
-def load_estimator(model_dir: Path, extra_trusted: list[str] = (), allow_pickle: bool = False, trust: str = "parameters.extra"):
+def load_estimator(model_dir: Path, extra_trusted: Sequence[str] = (), allow_pickle: bool = False, trust: str = "parameters.extra"):
     """Load with skops and the recorded trusted types; refuse pickles unless allowed.
 
     `trust` names where the user declares trust, for the refusal messages (the spec's
@@ -307,7 +308,7 @@ class RegistrySKLearnRuntime(ReportedModel):
                 raise InferenceError(f"output '{PREDICT_PROBA}' is not offered by this model (a regressor, or a model without it); ask for '{PREDICT}'")
         X = self._columns.decode(payload) if self._columns else self._features(payload)
         results = await self._coalescer.predict(tuple(names), X)
-        outputs = [NumpyCodec.encode_output(name, y) for name, y in zip(names, results)]
+        outputs = [NumpyCodec.encode_output(name, y) for name, y in zip(names, results, strict=True)]
         response = InferenceResponse(model_name=self.name, model_version=self.version, outputs=outputs)
         if self._variant:
             response.parameters = Parameters(variant=self._variant)

@@ -68,7 +68,8 @@ class FastInfer:
     @classmethod
     def of(cls, app: FastAPI, mlserver_app) -> FastInfer | None:
         """The fast path for MLServer's REST app; None for another app or one whose stack it cannot reproduce."""
-        endpoint = next((r.endpoint for r in app.router.routes if getattr(getattr(r, "endpoint", None), "__func__", None) is Endpoints.infer), None)
+        endpoints = (getattr(r, "endpoint", None) for r in app.router.routes)
+        endpoint = next((e for e in endpoints if getattr(e, "__func__", None) is Endpoints.infer), None)
         if endpoint is None:
             return None
         if os.environ.get(SWITCH, "1").lower() in ("0", "false", "off"):
@@ -77,9 +78,9 @@ class FastInfer:
         exporter = None
         for middleware in app.user_middleware:
             if middleware.cls is not PrometheusMiddleware:
-                logger.info("REST inference through MLServer's full stack: %s is configured", middleware.cls.__name__)
+                logger.info("REST inference through MLServer's full stack: %s is configured", getattr(middleware.cls, "__name__", middleware.cls))
                 return None
-            exporter = PrometheusMiddleware(app, **middleware.kwargs)
+            exporter = PrometheusMiddleware(app, **middleware.kwargs)  # type: ignore[arg-type]  # starlette keeps them as **kwargs
         logger.info("REST inference fast path on for POST /v2/models/*/infer")
         return cls(endpoint.__self__._data_plane, exporter, mlserver_app)
 
@@ -149,6 +150,7 @@ class FastInfer:
                 self._observe(ROUTES[version is not None], status, time.perf_counter() - start)
 
     def _observe(self, route: str, status: int, seconds: float) -> None:
+        assert self._exporter is not None  # called only where requests are counted
         children = self._children.get((route, status))
         if children is None:
             labels = ("POST", route, str(status), self._exporter.app_name)
@@ -226,5 +228,5 @@ def apply() -> None:
             return await fast(scope, receive, send, *taken)
         return await original(self, scope, receive, send)
 
-    call.mlops_patched = True
-    FastAPI.__call__ = call
+    call.mlops_patched = True  # type: ignore[attr-defined]
+    FastAPI.__call__ = call  # type: ignore[method-assign]

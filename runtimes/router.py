@@ -36,7 +36,6 @@ from mlserver.errors import InferenceError
 from mlserver.model import MLModel
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
-
 from pydantic import ValidationError
 
 from . import metrics
@@ -174,7 +173,7 @@ class RouterRuntime(ReportedModel):
         """MLServer's, plus the variants in effect: `variants` (names, live first) and `weight.<name>`/`version.<name>`."""
         meta = await super().metadata()
         live, variants = getattr(self, "_live", []), getattr(self, "_variants", [])  # none before a load succeeds
-        params = {"variants": ",".join(v.name for v in sorted(variants, key=lambda v: v.shadow))}
+        params: dict[str, str | int | bool] = {"variants": ",".join(v.name for v in sorted(variants, key=lambda v: v.shadow))}
         for v in live:
             params[f"weight.{v.name}"] = v.weight
         for v in variants:
@@ -224,9 +223,10 @@ class RouterRuntime(ReportedModel):
             self._metrics.requests.labels(self.name, shadow.name, "shadow", "dropped").inc()
 
     async def _shadow_worker(self) -> None:
-        m = self._metrics
+        m, queue = self._metrics, self._queue
+        assert queue is not None  # created before the worker starts
         while True:
-            shadow, payload, live = await self._queue.get()
+            shadow, payload, live = await queue.get()
             start = time.perf_counter()
             try:
                 answer = await asyncio.wait_for(shadow.model.predict(payload), SHADOW_TIMEOUT_S)

@@ -22,7 +22,7 @@ from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, MetadataTensor, Parameters
 
 # MLflow column type -> (V2 datatype, numpy dtype the DataFrame column gets)
-COLUMN_TYPES = {
+COLUMN_TYPES: dict[str, tuple[str, type | str]] = {
     "double": ("FP64", np.float64),
     "float": ("FP32", np.float32),
     "long": ("INT64", np.int64),

@@ -5,8 +5,8 @@ The best candidate on held-out data becomes `champion`, the runner-up `challenge
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sklearn.datasets import load_diabetes, load_iris, load_wine
 from sklearn.ensemble import GradientBoostingRegressor, RandomForestClassifier
