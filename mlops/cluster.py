@@ -49,7 +49,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtimes.contract import METRICS_PORT, MODEL_SETTINGS_DIR
+from runtimes.contract import DRAIN_SECONDS, METRICS_PORT, MODEL_SETTINGS_DIR
 
 from . import seldon
 
@@ -67,7 +67,6 @@ GRPC_PATH_REGEX = ".*tensorflow.*|.*seldon.protos.*|.*inference.*"
 # Names the operator sets with SetEnvVar(..., override=false): one already in the manifest drops the whole env.
 TRAP_ENV = ("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", "MLSERVER_HTTP_PORT", "PREDICTIVE_UNIT_GRPC_SERVICE_PORT", "MLSERVER_GRPC_PORT")
 PRE_STOP_SECONDS = 10  # the operator's `/bin/sleep 10` preStop hook (seldondeployment_controller.go 830-833)
-DRAIN_SECONDS = 30  # after SIGTERM, for the requests a pod accepted before Istio stopped routing to it
 ISTIO_GATEWAY_CHART = "gateway"  # istio/istio manifests/charts/gateway
 SETTINGS_FILE = Path(MODEL_SETTINGS_DIR) / "settings.json"  # copied into the image as /app/server/settings.json
 DOCKERFILE = "Dockerfile"

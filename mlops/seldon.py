@@ -69,7 +69,7 @@ INGRESS_LABELS = {"istio": "ingressgateway"}
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_HEALTH = ("ServerLive", "ServerReady", "ModelReady")
 # SIGTERM comes after the operator's 10 s preStop sleep (while Istio stops routing to the pod); what is
-# left must let MLServer finish the requests it accepted: mlops/cluster.py DRAIN_SECONDS.
+# left must let MLServer finish the requests it accepted: runtimes/contract.py DRAIN_SECONDS.
 GRACE_SECONDS = 45
 
 

@@ -25,6 +25,10 @@ HTTP_PORT, GRPC_PORT, METRICS_PORT = 8080, 8081, 8082
 
 EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a single model's parameters.extra from it, as JSON
 
+# After SIGTERM, the time MLServer has to answer what it accepted (runtimes/drain.py); the pods'
+# terminationGracePeriodSeconds covers it plus the operator's preStop sleep (mlops/cluster.py checks).
+DRAIN_SECONDS = 30
+
 
 # --- parameters.extra --------------------------------------------------------------------------
 

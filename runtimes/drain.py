@@ -1,7 +1,7 @@
 """Graceful shutdown of MLServer 1.7.1: on SIGTERM, stop accepting, answer what was accepted, then exit.
 
 A pod gets SIGTERM after the operator's preStop sleep and is killed when its grace period ends;
-mlops.cluster.DRAIN_SECONDS is the time between the two that the manifests promise for the drain.
+contract.DRAIN_SECONDS is the time between the two that the manifests promise for the drain.
 What MLServer 1.7.1 did with the signal (mlserver/server.py 168-190):
 
 - gRPC first, `server.stop(grace=5)` (grpc/server.py 122-126): calls still running after 5 s were
@@ -50,9 +50,8 @@ from mlserver.metrics.prometheus import stop_metrics
 from mlserver.server import MLServer
 from prometheus_client import REGISTRY
 
-from mlops.cluster import DRAIN_SECONDS
-
 from . import rest
+from .contract import DRAIN_SECONDS
 
 logger = logging.getLogger("mlserver")
 

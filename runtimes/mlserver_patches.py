@@ -16,7 +16,7 @@ real server, so an MLServer upgrade that breaks one fails there.
   503 is UNAVAILABLE, instead of UNKNOWN.
 - REST inference takes a shorter road to the same data plane: `runtimes/rest.py`.
 - SIGTERM drains: no new connections, every request already accepted is answered, then the process
-  exits within mlops.cluster.DRAIN_SECONDS: `runtimes/drain.py` (tests/test_shutdown.py).
+  exits within contract.DRAIN_SECONDS: `runtimes/drain.py` (tests/test_shutdown.py).
 """
 
 from __future__ import annotations

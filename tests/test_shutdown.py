@@ -47,7 +47,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from conftest import Server, children
-from mlops.cluster import DRAIN_SECONDS
+from runtimes.contract import DRAIN_SECONDS
 from mlops.serve import LOOPBACK, wait_for
 
 MODEL = "iris"
