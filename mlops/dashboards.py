@@ -273,7 +273,7 @@ def ab() -> dict:
     return board("mlops-ab", "MLOps / A/B variants", "Per variant of each model: traffic share against weight, errors, latency, shadows.", [
         ("Traffic", [
             graph("Live request rate by variant", "reqps",
-                  [(variant_requests("model", live, RI), "{{model}} / {{variant}}")],
+                  [(variant_requests("model, variant", live, RI), "{{model}} / {{variant}}")],
                   "Requests answered by each live variant: counted by the router locally, by the variant's pods in a cluster."),
             graph("Observed share vs configured weight", "percent",
                   [(variant_share("model, variant", "model", RI, SEL, 'variant=~"$variant"'), "{{model}} / {{variant}} observed"),
@@ -381,7 +381,7 @@ def _alerts() -> list[tuple[dict, str]]:
                "5m", "critical", "{{ $labels.model }}/{{ $labels.variant }}: {{ $value | humanizePercentage }} server errors",
                f"Variant {{{{ $labels.variant }}}} of {{{{ $labels.model }}}} answers more than {ERROR_RATIO:.0%} of its live requests with a server error; "
                "consider moving its weight to another variant in deployments.yaml."),
-        _alert("MLOpsLatencyP99High", variant_latency(0.99, by_m, live, "5m"), f"> {P99_SECONDS}",
+        _alert("MLOpsLatencyP99High", variant_latency(0.99, by_v, live, "5m"), f"> {P99_SECONDS}",
                "10m", "warning", "{{ $labels.model }}/{{ $labels.variant }}: p99 latency {{ $value | humanizeDuration }}",
                f"The 99th percentile of live answers of {{{{ $labels.model }}}}/{{{{ $labels.variant }}}} is above {P99_SECONDS * 1000:.0f} ms."),
         _alert("MLOpsTrafficShareDrift",
