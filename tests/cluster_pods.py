@@ -25,7 +25,7 @@ from pathlib import Path
 from conftest import REPO, free_port, stop_group
 from mlops import cluster, seldon
 from mlops.prometheus import scrape_job
-from mlops.serve import mlserver_command, wait_for
+from mlops.serve import mlserver_command, wait_for, wait_until
 from mlops.validate import rendered_environments
 
 POD_NET = "127.0.77."  # pod i gets POD_NET + (i + 1)
@@ -164,11 +164,8 @@ class Cluster:
             proc = subprocess.Popen([sys.executable, str(STANDIN), str(path)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         ingress = Ingress(http, grpc, proc, log)
         self.ingresses.append(ingress)
-        deadline = time.monotonic() + 30
-        while "ready" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"ingress stand-in did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+        if not wait_until(lambda: "ready" in log.read_text(), 30, [proc], interval=0.1):
+            raise AssertionError(f"ingress stand-in did not start:\n{log.read_text()}")
         if n == 0:
             self.http, self.grpc = http, grpc
         return ingress

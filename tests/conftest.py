@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
+
+from mlops.serve import answers, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 MLOPS = str(Path(sys.executable).with_name("mlops"))
@@ -50,6 +54,21 @@ def in_registry(project: Path, code: str) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"registry call failed:\n{proc.stderr}")
     return proc.stdout.strip()
+
+
+def python_output(code: str, cwd: Path, hash_seed: str) -> str:
+    """stdout of `code` run by a new Python process in `cwd` with PYTHONHASHSEED=`hash_seed`.
+
+    Sets of strings iterate in an order that differs between seeds, so between runs and machines; two
+    renders in one process share theirs and cannot show it.
+    """
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONHASHSEED"] = hash_seed
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError(f"python -c failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout
 
 
 def tree_bytes(path: Path) -> dict[str, bytes]:
@@ -113,18 +132,14 @@ class Server:
     def wait_for_paths(self, paths: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for path in paths:
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"mlops serve exited {self.proc.returncode}:\n{self.output()}")
-                try:
-                    with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"MLServer: {path} not ready after {timeout}s:\n{self.output()}")
-                time.sleep(0.5)
+            self.wait_until(partial(answers, f"http://{self.url}{path}"), deadline - time.monotonic(), f"MLServer: {path} not ready after {timeout}s")
+
+    def wait_until(self, done: Callable[[], bool], timeout: float, failure: str) -> None:
+        """Until `done()`; fails with `failure` (or how the server exited) if it exits or `timeout` seconds pass first."""
+        if not wait_until(done, timeout, [self.proc]):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlops serve exited {self.proc.returncode}:\n{self.output()}")
+            raise AssertionError(f"{failure}:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()

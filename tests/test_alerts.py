@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, mlops
+from conftest import REPO, mlops, new_project, tree_bytes
 from mlops import dashboards
 
 ALERT_TESTS = Path(__file__).parent / "alerts"
@@ -71,7 +71,15 @@ def test_check_reports_a_stale_file_with_a_diff(tmp_path):
     assert rules.read_text() == (REPO / dashboards.RULES_FILE).read_text()
 
 
-def test_output_is_deterministic():
-    assert dashboards.render() == dashboards.render()
+def test_output_is_deterministic(tmp_path):
+    """`mlops dashboards` writes the same bytes from processes with other hash seeds in other folders, as on
+    a laptop and then in CI's `--check`; this process's render (a third seed) agrees."""
+    written = []
+    for seed, folder in (("1", "a"), ("2", "b/c")):
+        root = new_project(tmp_path / folder)
+        mlops(root, "dashboards", env={"PYTHONHASHSEED": seed}, check=True)
+        written.append(tree_bytes(root / dashboards.MONITORING))
+    here = {p.relative_to(dashboards.MONITORING).as_posix(): text.encode() for p, text in dashboards.render().items()}
+    assert written == [here, here], [rel for rel in sorted(here) if not written[0].get(rel) == written[1].get(rel) == here[rel]]
     uids = [dashboards.DASHBOARDS[n]()["uid"] for n in dashboards.DASHBOARDS]
     assert len(set(uids)) == len(uids) and all(u.startswith("mlops-") for u in uids)

@@ -32,6 +32,7 @@ import yaml
 
 from conftest import REPO, Server, free_port
 from mlops import dashboards, seldon
+from runtimes.contract import VARIANT_WEIGHT
 from mlops.prometheus import Prometheus, rule_file, scrape_job
 from mlops.spec import load_spec
 
@@ -111,7 +112,7 @@ def scraped(trained, cluster, tmp_path_factory):
     pods = cluster.pods_of(POD_MODEL)
     prom = None
     try:
-        assert {p.labels["mlops/variant"] for p in pods} == set(weights)
+        assert pods and {p.labels["mlops/variant"] for p in pods} == set(weights)
         srv.wait_ready()
         prom = Prometheus(
             work / "prometheus", free_port(),
@@ -145,10 +146,9 @@ def _substitute(expr: str, variables: dict[str, str]) -> str:
 
 
 def _empty_panels(prom: Prometheus, dashboard: dict, variables: dict[str, str], skip=()) -> list[str]:
-    problems = []
-    for title, expr in dashboards.panel_queries(dashboard):
-        if title in skip:
-            continue
+    queries = [(title, expr) for title, expr in dashboards.panel_queries(dashboard) if title not in skip]
+    problems = [] if queries else [f"{dashboard['title']}: no panel query to check"]
+    for title, expr in queries:
         answer = prom.query(_substitute(expr, variables))
         if answer.get("status") != "success":
             problems.append(f"{title}: {answer.get('error')}\n  {expr}")
@@ -177,18 +177,24 @@ def test_every_traffic_panel_returns_data_for_variant_pods(scraped, name):
 
 
 def test_per_variant_panels_show_each_variant_pod(scraped):
-    """(The weight rule also covers the models that have no pods here.)"""
-    for title, expr in dashboards.panel_queries(dashboards.ab()):
-        if title == dashboards.SHADOW_AGREEMENT:
-            continue
-        got = {m["variant"] for m in _series(scraped.prom, _substitute(expr, CLUSTER)) if m.get("model") == POD_MODEL and "variant" in m}
-        assert got in (set(), set(scraped.weights)), f"{title}: {got}"
-    (weight,) = [t["expr"] for p in dashboards.ab()["panels"] for t in p.get("targets", []) if t["legendFormat"].endswith(" weight")]
-    assert {m["variant"] for m in _series(scraped.prom, _substitute(weight, CLUSTER))} == {v for v, w in scraped.weights.items() if w > 0}
+    """Every A/B query whose legend names the variant has one series per variant pod with weight, none without
+    the label. (The weight rule also covers the models that have no pods here.)"""
+    weighted = {v for v, w in scraped.weights.items() if w > 0}
+    per_variant = [
+        (p["title"], t["expr"]) for p in dashboards.ab()["panels"] for t in p.get("targets", [])
+        if "{{variant}}" in t["legendFormat"] and p["title"] != dashboards.SHADOW_AGREEMENT
+    ]  # fmt: skip
+    assert weighted and per_variant
+    problems = []
+    for title, expr in per_variant:
+        got = [m.get("variant") for m in _series(scraped.prom, _substitute(expr, CLUSTER)) if m.get("model") == POD_MODEL]
+        if sorted(got, key=str) != sorted(weighted):
+            problems.append(f"{title}: variants {got}\n  {expr}")
+    assert not problems, "\n".join(problems)
 
 
 def test_overlay_rule_records_the_configured_weights(scraped):
-    answer = scraped.prom.query(f'{seldon.WEIGHT_METRIC}{{model="{POD_MODEL}"}}')["data"]["result"]
+    answer = scraped.prom.query(f'{VARIANT_WEIGHT}{{model="{POD_MODEL}"}}')["data"]["result"]
     recorded = {r["metric"]["variant"]: int(r["value"][1]) for r in answer}
     assert recorded == scraped.weights
     assert {r["metric"]["namespace"] for r in answer} == {seldon.NAMESPACE}
@@ -219,7 +225,9 @@ def test_every_alert_expression_evaluates(scraped):
 
 
 def test_every_alert_sees_its_series_locally_and_in_variant_pods(scraped):
-    """What each alert compares with its threshold returns series of both forms: the alert can fire in both."""
+    """What each alert compares with its threshold returns series of both forms: the alert can fire in both; in a
+    cluster, an alert whose summary names the variant has a series per variant pod."""
+    rules = {r["alert"]: r for r in dashboards.alert_rules()}
     problems = []
     for alert, signal in dashboards.alert_signals().items():
         found = _series(scraped.prom, signal)
@@ -227,9 +235,8 @@ def test_every_alert_sees_its_series_locally_and_in_variant_pods(scraped):
         cluster = [m for m in found if m.get("namespace") == seldon.NAMESPACE and m.get("model") == POD_MODEL]
         if not local or not cluster:
             problems.append(f"{alert}: {len(local)} local and {len(cluster)} pod series\n  {signal}")
-        if "variant" in signal and any("variant" in m for m in cluster):
-            if {m.get("variant") for m in cluster} != set(scraped.weights):
-                problems.append(f"{alert}: pod variants {[m.get('variant') for m in cluster]}")
+        if "$labels.variant" in rules[alert]["annotations"]["summary"] and {m.get("variant") for m in cluster} != set(scraped.weights):
+            problems.append(f"{alert}: pod variants {[m.get('variant') for m in cluster]}")
     assert not problems, "\n".join(problems)
 
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import Server, free_port, stop_group
+from mlops.serve import answers, wait_until
 
 
 def _status(url: str) -> int:
@@ -32,10 +33,7 @@ def test_models_load_once_the_registry_answers_without_a_restart(project):
     srv = Server(project, env={"MLFLOW_TRACKING_URI": registry_url})
     registry = None
     try:
-        deadline = time.monotonic() + 120
-        while _status(f"http://{srv.url}/v2/health/live") != 200:
-            assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()[-3000:]
-            time.sleep(0.5)
+        srv.wait_for_paths(["/v2/health/live"], 120)
         time.sleep(3)  # a few tries against the closed port
         assert _status(f"http://{srv.url}/v2/health/ready") != 200
         assert _status(f"http://{srv.url}/v2/models/iris/ready") != 200
@@ -49,12 +47,10 @@ def test_models_load_once_the_registry_answers_without_a_restart(project):
             [mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=project, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 150
-        while _status(f"http://{srv.url}/v2/health/ready") != 200:
-            assert registry.poll() is None, (project / "registry.log").read_text()[-3000:]
-            assert srv.proc.poll() is None, "the server must not exit while it waits"
-            assert time.monotonic() < deadline, srv.output()[-3000:]
-            time.sleep(1)
+        ready = wait_until(lambda: answers(f"http://{srv.url}/v2/health/ready"), 150, [registry, srv.proc], interval=1)
+        assert ready or registry.poll() is None, (project / "registry.log").read_text()[-3000:]
+        assert ready or srv.proc.poll() is None, "the server must not exit while it waits"
+        assert ready, srv.output()[-3000:]
         assert "model 'iris' loaded on try" in srv.output()
     finally:
         if registry is not None:

@@ -359,20 +359,17 @@ def sample(samples, name, **labels) -> float | None:
 
 def wait_loaded(srv: Server, ready: set[str], broken: set[str], timeout: float = 180) -> None:
     """Until every model in `ready` is ready and every one in `broken` has failed its load."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if srv.proc.poll() is not None:
-            raise AssertionError(f"mlops serve exited {srv.proc.returncode}:\n{srv.output()}")
+
+    def loaded() -> bool:
         try:
             samples = scrape(srv)
-            if all(get_status(srv, f"/v2/models/{m}/ready") == 200 for m in ready) and all(
+            return all(get_status(srv, f"/v2/models/{m}/ready") == 200 for m in ready) and all(
                 sample(samples, "mlops_model_loads_total", model=m, outcome="error") for m in broken
-            ):
-                return
+            )
         except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"models not loaded after {timeout}s:\n{srv.output()}")
+            return False
+
+    srv.wait_until(loaded, timeout, f"models not loaded after {timeout}s")
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["models-in-main-process", "parallel-worker"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import mlflow.sklearn
@@ -14,6 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from mlops.registry import default_registry
+from mlops.serve import wait_until
 from training.catalog import JOBS
 
 
@@ -105,7 +105,6 @@ def test_mlops_serve_listens_on_loopback_only_unless_told(server):
     loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and ::ffff:127.0.0.1 (gRPC's), as the kernel writes them
     for port in (server.http, server.grpc, server.metrics):
         assert _listening(port) and _listening(port) <= loopback, (port, _listening(port))
-    deadline = time.monotonic() + 60  # the banner follows readiness: it first reads each model's input example
-    while "MLServer is ready" not in server.output() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # The banner follows readiness: it first reads each model's input example.
+    wait_until(lambda: "MLServer is ready" in server.output(), 60, [server.proc], interval=0.2)
     assert "Listening on 127.0.0.1 only" in server.output(), server.output()[-2000:]

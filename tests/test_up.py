@@ -7,26 +7,18 @@ import os
 import re
 import signal
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 
 from conftest import MLOPS, free_port, mlops, new_project
 
 from mlops import dashboards
+from mlops.serve import answers, wait_until
 
 
 def _query(url: str, expr: str) -> list[dict]:
     with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
         return json.load(r)["data"]["result"]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tmp_path):
@@ -41,13 +33,14 @@ def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tm
         cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deadline, text = time.monotonic() + 300, ""
-        while time.monotonic() < deadline and "Ctrl-C stops the server" not in text:
-            assert proc.poll() is None, f"mlops up exited {proc.returncode}:\n{text}"
-            time.sleep(1)
+        def printed() -> str:
             log.seek(0)
-            text = log.read()
-        assert "Ctrl-C stops the server" in text, text[-3000:]
+            return log.read()
+
+        started = wait_until(lambda: "Ctrl-C stops the server" in printed(), 300, [proc], interval=1)
+        text = printed()
+        assert started or proc.poll() is None, f"mlops up exited {proc.returncode}:\n{text}"
+        assert started, text[-3000:]
         assert (project / ".mlops" / "mlflow.db").is_file(), "the embedded registry lives in the project"
         assert (project / "model-settings" / "iris" / "model-settings.json").is_file()
         for url in (f"http://127.0.0.1:{ports[0]}/v2/models/<name>/infer", f"127.0.0.1:{ports[1]}", f"http://127.0.0.1:{ports[2]}/metrics"):
@@ -64,18 +57,15 @@ def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tm
         prometheus = re.search(r"Prometheus (http://\S+)", text)
         assert prometheus and prometheus.group(1) == f"http://127.0.0.1:{ports[3]}", text[-3000:]
         url, model = prometheus.group(1), curl.group(1).split("/")[-2]
-        deadline, found = time.monotonic() + 60, []
-        while time.monotonic() < deadline and not found:  # the next scrape after the request
-            found = _query(url, f'model_infer_request_success_total{{model="{model}"}} > 0')
-            time.sleep(1)
-        assert found, f"{url} has no requests of {model}"
+        counted = f'model_infer_request_success_total{{model="{model}"}} > 0'  # after the next scrape
+        assert wait_until(lambda: bool(_query(url, counted)), 60, interval=1), f"{url} has no requests of {model}"
         with urllib.request.urlopen(f"{url}/api/v1/rules?type=alert", timeout=10) as r:
             loaded = {rule["name"] for group in json.load(r)["data"]["groups"] for rule in group["rules"]}
         assert loaded == {rule["alert"] for rule in dashboards.alert_rules()}
 
         proc.send_signal(signal.SIGTERM)  # to `mlops up` alone: it forwards it to MLServer, which drains, then stops Prometheus
         assert proc.wait(timeout=120) == 0, "MLServer's exit code, 0 after a drain"
-        assert not _answers(url), "Prometheus outlived the server"
+        assert not answers(f"{url}/-/ready"), "Prometheus outlived the server"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -16,7 +16,7 @@ from mlserver_sklearn import SKLearnModel
 
 from conftest import in_registry
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
-from runtimes.router import BUCKETS, RouterRuntime
+from runtimes.router import BUCKETS, RouterRuntime, Variant, routing_table
 from training.catalog import JOBS
 
 
@@ -62,24 +62,31 @@ def test_predictions_equal_the_stock_runtimes(trained, tmp_path, model):
 
 
 def router(weights: dict[str, int]) -> RouterRuntime:
-    """A router's bucket table without loading models: choose() only needs the table."""
+    """A router over live variants that loaded with these weights: the table `load` builds, without models."""
     r = RouterRuntime(ModelSettings(name="r", implementation=RouterRuntime, parameters=ModelParameters(extra={})))
-    r._table, upper = [], 0
-    for name, w in weights.items():
-        upper += w * BUCKETS // 100
-        r._table.append((upper, type("V", (), {"name": name})))
+    r._table = routing_table([Variant(name, "1", w, False, model=None) for name, w in weights.items()])
     return r
 
 
 def test_moving_weight_moves_only_the_moved_keys():
     keys = [f"k{i}" for i in range(20_000)]
-    old, new = router({"a": 80, "b": 20}), router({"a": 70, "b": 30})  # one router each: building one costs seconds
+    old, new = router({"a": 80, "b": 20}), router({"a": 70, "b": 30})
     before = {k: old.choose(k).name for k in keys}
     after = {k: new.choose(k).name for k in keys}
     moved = Counter((before[k], after[k]) for k in keys if before[k] != after[k])
     assert set(moved) == {("a", "b")}
     assert abs(moved[("a", "b")] / len(keys) - 0.10) < 0.01
     assert abs(sum(v == "a" for v in before.values()) / len(keys) - 0.80) < 0.01
+
+
+def test_a_failed_variants_weight_goes_to_the_others_in_proportion():
+    """With fallback, a live variant that failed to load is left out of the table (here b, weight 30 of 100):
+    every bucket still belongs to a variant, in spec order, and a and c split them 50:20."""
+    r = router({"a": 50, "c": 20})
+    assert [v.name for _, v in r._table] == ["a", "c"] and r._table[-1][0] == BUCKETS
+    n = 20_000
+    chosen = Counter(r.choose(f"k{i}").name for i in range(n))
+    assert abs(chosen["a"] / n - 50 / 70) < 0.01 and abs(chosen["c"] / n - 20 / 70) < 0.01, chosen
 
 
 def test_router_answers_with_the_variant_and_its_version(trained):

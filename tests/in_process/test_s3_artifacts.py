@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, RequestInput, RequestOutput
 
 from conftest import free_port, in_registry
+from mlops.serve import wait_for
 from runtimes.registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
 
 BUCKET = "models"
@@ -35,15 +34,7 @@ def s3(monkeypatch):
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"moto_server did not start (exit code {proc.poll()})") from None
-                time.sleep(0.2)
+        assert wait_for(f"{endpoint}/moto-api/", proc, 60, interval=0.2), f"moto_server did not start (exit code {proc.poll()})"
         for name, value in {
             "MLFLOW_S3_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "test",
