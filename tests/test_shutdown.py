@@ -48,7 +48,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import Server, children
 from runtimes.contract import DRAIN_SECONDS
-from mlops.serve import LOOPBACK, wait_for
+from mlops.serve import LOOPBACK, wait_for, wait_until
 
 MODEL = "iris"
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float64)
@@ -166,12 +166,7 @@ def refused(port: int) -> bool:
 
 
 def wait_refused(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if refused(port):
-            return True
-        time.sleep(0.01)
-    return False
+    return wait_until(lambda: refused(port), max(timeout, 0.0), interval=0.01)
 
 
 def attempt(request) -> tuple[int, bytes, str | None] | str:
@@ -260,7 +255,9 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_within_the_
         sigterm = time.monotonic()
         os.kill(mlserver, signal.SIGTERM)
         # Stopped accepting while requests are still in progress: the held ones are, by construction.
-        stopped_listening = wait_refused(srv.http, HOLD_SECONDS) and refused(srv.grpc) and not held.done()
+        # (gRPC core closes its listener on its own thread after stop(): wait for each, not one after a look)
+        stopped_listening = all(wait_refused(port, sigterm + HOLD_SECONDS - time.monotonic()) for port in (srv.http, srv.grpc))
+        stopped_listening = stopped_listening and not held.done()
         idle_answer = attempt(lambda: idle.request("POST", PATH, BODY, HEADERS) or idle.getresponse())
         time.sleep(max(0.0, sigterm + HOLD_SECONDS - time.monotonic()))
         metrics_answer = attempt(lambda: urllib.request.urlopen(f"http://{LOOPBACK}:{srv.metrics}/metrics", timeout=10))
