@@ -27,7 +27,8 @@ from pathlib import Path
 from runtimes.metrics import proc_stat
 
 from .registry import Registry, default_registry
-from .serve import Ports, mlserver_command, server_env, stop_process, wait_for
+from .processes import stop_process, wait_for
+from .serve import Ports, mlserver_command, server_env
 
 PAYLOAD = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
 # The column-based model a team's own job logs (training/clinic_job.py): one input per DataFrame column.
@@ -104,6 +105,16 @@ class Proc:
 
     def stop(self) -> None:
         stop_process(self.popen)
+
+
+def stop_all(procs) -> None:
+    """SIGTERM every process first, then wait for each: shutdowns overlap instead of adding up."""
+    procs = list(procs)
+    for p in procs:
+        if p.popen.poll() is None:
+            p.popen.terminate()
+    for p in procs:
+        p.stop()
 
 
 def start(name: str, cmd: list[str], env: dict, port: int, workdir: Path) -> Proc:
@@ -276,7 +287,12 @@ class System:
 
 
 def measure(systems: list[System], connections: list[int], rounds: int, seconds: float, workdir: Path, echo) -> dict:
-    """Median figures per system; the order of systems rotates every round so drift hits all alike."""
+    """Median figures per system; the order of systems rotates every round so drift hits all alike.
+
+    Ends with one more request to each system, which is answered after those the load generator
+    left in flight: MLServer stops its inference workers before its REST server, which then waits
+    for ever on a request caught in between.
+    """
     echo("warming up")
     for s in systems:
         s.load(max(connections), min(2, seconds), workdir)
@@ -288,6 +304,7 @@ def measure(systems: list[System], connections: list[int], rounds: int, seconds:
                 run = s.load(c, seconds, workdir)
                 echo(f"round {r + 1}/{rounds} {c:>3} conn. {s.label:<44} {run.rps:7.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
                      f"p99 {run.p99_ms:7.2f} ms  errors {run.errors}  server cpu {run.server_cpu:.2f}")
+    check_answers(systems)
     return {s.key: s.summary() for s in systems}
 
 
@@ -371,7 +388,7 @@ def start_systems(workdir: Path, project: Path, registry: Registry, version: str
 
 
 def check_answers(systems: list[System]) -> None:
-    """Every system gives the same prediction before any is timed."""
+    """Every system gives the same prediction, before any is timed and after the load."""
     by_body: dict[str, dict] = {}
     for s in systems:
         answers = by_body.setdefault(s.body.name, {})
@@ -410,8 +427,7 @@ def run_sweep(workdir: Path, project: Path, registry: Registry, body: Path, roun
             wait_ready(s.proc, "/v2/health/ready")
         load = measure(systems, [8, 64], rounds, seconds, workdir, echo)
     finally:
-        for s in systems:
-            s.proc.stop()
+        stop_all(s.proc for s in systems)
     return {s.label: load[s.key] for s in systems}
 
 
@@ -472,10 +488,53 @@ def run_scale(workdir: Path, registry: Registry, model_dir: Path, seconds: float
     try:
         load = measure(pair, [8], rounds, seconds, workdir, echo)
     finally:
-        for p in servers.values():
-            p.stop()
+        stop_all(servers.values())
     result["throughput_8_connections"] = {k: v["8"] for k, v in load.items()}
     return result
+
+
+# ---------------------------------------------------------------- soak
+
+SOAK_CONNECTIONS = 8
+SOAK_SLICE_SECONDS = 60  # throughput is compared minute by minute
+SOAK_WARMUP_SECONDS = 10
+SOAK_MEMORY = "soak: resident memory at the end vs the start"
+SOAK_THROUGHPUT = "soak: throughput in the last minute vs the first"
+SOAK_ERRORS = "soak: failed requests (non-2xx, socket errors)"
+
+
+def run_soak(system: System, seconds: int, workdir: Path, echo) -> dict:
+    """The routed model under steady load for `seconds`, in back-to-back slices of a minute.
+
+    Memory is read after a warm-up, so first-request allocations do not count as growth;
+    a leak shows as resident memory rising slice after slice, wear as throughput falling.
+    """
+    count = max(2, round(seconds / SOAK_SLICE_SECONDS))
+    slice_seconds = max(1, round(seconds / count))  # wrk takes whole seconds
+    warmup = min(SOAK_WARMUP_SECONDS, slice_seconds)
+    load_average = Path("/proc/loadavg").read_text().split()[:3]
+    echo(f"soak: {system.label}, {SOAK_CONNECTIONS} connections, {count} x {slice_seconds} s after {warmup} s of warm-up "
+         f"(load average {' '.join(load_average)})")
+    _, _, _, warm_requests, warm_errors = wrk(system.url, system.body, SOAK_CONNECTIONS, warmup, workdir)
+    rss_start = system.proc.rss_mb()
+    slices = []
+    for i in range(count):
+        cpu0, t0 = system.proc.cpu_seconds(), time.monotonic()
+        rps, p50, p99, n, errors = wrk(system.url, system.body, SOAK_CONNECTIONS, slice_seconds, workdir)
+        cpu = (system.proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+        slices.append({"rps": round(rps, 1), "p50_ms": p50, "p99_ms": p99, "requests": n, "errors": errors,
+                       "server_cpu_cores": round(cpu, 2), "rss_mb": round(system.proc.rss_mb(), 1)})
+        echo(f"soak {i + 1}/{count} {rps:7.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}  "
+             f"server cpu {cpu:.2f}  resident {slices[-1]['rss_mb']:.1f} MB")
+    return {
+        "system": system.key, "connections": SOAK_CONNECTIONS, "seconds": count * slice_seconds, "slice_seconds": slice_seconds,
+        "warmup_seconds": warmup, "load_average_at_start": [float(x) for x in load_average],
+        "rss_mb_start": round(rss_start, 1), "rss_mb_end": slices[-1]["rss_mb"],
+        "rps_first": slices[0]["rps"], "rps_last": slices[-1]["rps"],
+        "requests": warm_requests + sum(s["requests"] for s in slices),
+        "errors": warm_errors + sum(s["errors"] for s in slices),  # the warm-up's count too
+        "slices": slices,
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------- report
@@ -491,7 +550,7 @@ def machine() -> dict:
             "load_average_at_start": os.getloadavg()[0]}
 
 
-def verdicts(load: dict, scale: dict | None) -> dict:
+def verdicts(load: dict, scale: dict | None, soak: dict | None = None) -> dict:
     rps = lambda key, c: load[key][str(c)]["rps"]  # noqa: E731
     v = {}
     if "64" in load["monolith"]:
@@ -507,11 +566,15 @@ def verdicts(load: dict, scale: dict | None) -> dict:
         v["mlops sync of 100 models"] = (scale["sync_seconds"]["100"], "< 10 s")
         one = scale["throughput_8_connections"]
         v["one model's throughput with 50 loaded vs with 1"] = (one["one-of-50"]["rps"] / one["one-of-1"]["rps"], ">= 0.9x")
+    if soak:
+        v[SOAK_MEMORY] = (soak["rss_mb_end"] / soak["rss_mb_start"] - 1, "within 5%")
+        v[SOAK_THROUGHPUT] = (soak["rps_last"] / soak["rps_first"] - 1, "within 10%")
+        v[SOAK_ERRORS] = (soak["errors"], "== 0")
     out = {}
     for name, (value, target) in v.items():
         op, bound = target.split()[0], float(re.match(r"[\d.]+", target.split()[1]).group())
         shown = value * 100 if target.endswith("%") else value
-        ok = {">=": shown >= bound, "<=": shown <= bound, "<": shown < bound}[op]
+        ok = {">=": shown >= bound, "<=": shown <= bound, "<": shown < bound, "==": shown == bound, "within": abs(shown) <= bound}[op]
         out[name] = {"value": round(shown, 3), "target": target, "met": ok}
     return out
 
@@ -563,12 +626,29 @@ def table(results: dict) -> list[str]:
         for name, r in sweep.items():
             rows.append(f"| {name} | " + " | ".join(
                 f"{r[c]['rps']:.0f} ({r[c]['rps'] / base[c]['rps']:.2f}x), {r[c]['p99_ms']:.1f}" for c in ("8", "64")) + " |")
+    if soak := results.get("soak"):
+        met = lambda name: f"{'yes' if results['targets'][name]['met'] else 'no'} ({results['targets'][name]['target']})"  # noqa: E731
+        change = lambda a, b: f"{(b / a - 1) * 100:+.1f}%"  # noqa: E731
+        per_slice = ", ".join(f"{x['rps']:.0f}" for x in soak["slices"])
+        rows += [
+            "",
+            f"| soak: {results['systems'][soak['system']]}, {soak['connections']} conn., {soak['seconds']} s "
+            f"({len(soak['slices'])} x {soak['slice_seconds']} s) | start | end | change | met |",
+            "|---|---|---|---|---|",
+            f"| resident memory, MB | {soak['rss_mb_start']:.1f} | {soak['rss_mb_end']:.1f} | "
+            f"{change(soak['rss_mb_start'], soak['rss_mb_end'])} | {met(SOAK_MEMORY)} |",
+            f"| throughput, req/s (first and last slice; every slice: {per_slice}) | "
+            f"{soak['rps_first']:.0f} | {soak['rps_last']:.0f} | {change(soak['rps_first'], soak['rps_last'])} | {met(SOAK_THROUGHPUT)} |",
+            f"| failed requests | | {soak['errors']} of {soak['requests']:,} | | {met(SOAK_ERRORS)} |",
+        ]
     return rows
 
 
-def run(out_dir: Path, rounds: int, seconds: float, connections: list[int], scale: bool, sweep: bool, echo=print) -> dict:
+def run(out_dir: Path, rounds: int, seconds: float, connections: list[int], scale: bool, sweep: bool, soak_seconds: int = 0, echo=print) -> dict:
+    """The whole benchmark; `soak_seconds` 0 leaves the soak out."""
     require_tools()
     started = time.monotonic()
+    host = machine()  # the load average before the benchmark adds its own
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         workdir = Path(tmp)
         project, registry, version, model_dir = prepare(workdir, echo)
@@ -579,27 +659,35 @@ def run(out_dir: Path, rounds: int, seconds: float, connections: list[int], scal
         columns_body = workdir / "columns.json"
         columns_body.write_text(json.dumps(COLUMNS_PAYLOAD))
         systems = start_systems(workdir, project, registry, version, model_dir, body, grpc_file, columns_body)
+        routed = next(s for s in systems if s.key == "routed-rest")
+        procs = {s.proc.name: s.proc for s in systems}
         try:
             check_answers(systems)
             load = measure(systems, connections, rounds, seconds, workdir, echo)
+            soak_result = None
+            if soak_seconds:
+                stop_all(p for p in procs.values() if p is not routed.proc)  # nothing else competes for the cores
+                soak_result = run_soak(routed, soak_seconds, workdir, echo)
         finally:
-            for p in {s.proc.name: s.proc for s in systems}.values():
-                p.stop()
+            stop_all(procs.values())
         sweep_result = run_sweep(workdir, project, registry, body, rounds, seconds, echo) if sweep else None
         scale_result = run_scale(workdir, registry, model_dir, seconds, rounds, body, echo) if scale else None
     results = {
-        "machine": machine(),
+        "machine": host,
         "settings": {"rounds": rounds, "seconds_per_run": seconds, "connections": connections, "payload": PAYLOAD, "columns_payload": COLUMNS_PAYLOAD,
-                     "spec": BENCH_SPEC, "load_generators": "wrk -t1 (REST), h2load -t1 -m1 (gRPC)"},
+                     "spec": BENCH_SPEC, "load_generators": "wrk -t1 (REST), h2load -t1 -m1 (gRPC)", "soak_seconds": soak_seconds},
         "systems": {s.key: s.label for s in systems},
         "load": load,
         "ratios_to_monolith": {k: {c: round(v[c]["rps"] / load["monolith"][c]["rps"], 3) for c in v} for k, v in load.items()},
         "server_settings_sweep": sweep_result,
         "scale": scale_result,
-        "targets": verdicts(load, scale_result),
+        "soak": soak_result,
+        "targets": verdicts(load, scale_result, soak_result),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     errors = {k: sum(v[c]["errors"] for c in v) for k, v in load.items()}
+    if soak_result:
+        errors["soak"] = soak_result["errors"]
     results["failed_requests"] = errors
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .serve import stop_process, wait_for
+from .processes import stop_process, wait_for
 
 MISSING = "prometheus not found on PATH; install it with `apt-get install prometheus`"
 

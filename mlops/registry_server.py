@@ -40,6 +40,7 @@ class Options:
     auth: bool
     admin_username: str
     default_permission: str
+    auth_cache_seconds: int = 0
     extra_args: tuple[str, ...] = ()
 
 
@@ -138,6 +139,10 @@ def _write_auth_config(path: Path, opts: Options, database_uri: str) -> None:
         "admin_username": opts.admin_username,
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
     }
+    if opts.auth_cache_seconds:
+        # Each request's login otherwise costs a scrypt hash, tens of milliseconds of a worker's CPU:
+        # a training job's hundred-odd calls queue behind it. Failed logins are never cached.
+        settings["auth_cache_ttl_seconds"] = str(opts.auth_cache_seconds)
     # MLflow reads it with configparser's interpolation: a URL-encoded password's % must be doubled.
     text = "[mlflow]\n" + "".join(f"{k} = {v.replace('%', '%%')}\n" for k, v in settings.items())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # database_uri may hold a password
@@ -189,6 +194,8 @@ def command(opts: Options, root: Path, echo: Callable[[str], None] = print) -> t
         from sqlalchemy.engine import make_url
 
         auth_note = f"basic auth, admin '{opts.admin_username}', users in {make_url(auth_db).render_as_string(hide_password=True)}"
+        if opts.auth_cache_seconds:
+            auth_note += f", logins trusted for {opts.auth_cache_seconds} s once checked"
     argv += opts.extra_args
     echo(f"Team registry on {opts.host}:{opts.port}")
     echo(f"  backend store: {shown}")

@@ -10,10 +10,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from pydantic import ValidationError
 
 from runtimes.contract import GRPC_PORT, HTTP_PORT, METRICS_PORT, ROUTER, RouterExtra
 
+from .processes import wait_for
 from .registry import Registry
 
 LOOPBACK = "127.0.0.1"
@@ -86,7 +85,7 @@ def served_models(settings_dir: Path) -> list[dict]:
 
 def sample_request(registry: Registry, model: dict) -> dict | None:
     """A V2 request built from the input example MLflow logged with the model."""
-    from runtimes.registry_sklearn import ModelLoadError, fetch
+    from runtimes.artifacts import ModelLoadError, fetch
 
     try:
         params = model["parameters"]
@@ -104,46 +103,6 @@ def sample_request(registry: Registry, model: dict) -> dict | None:
     except (ValueError, TypeError, AttributeError, IndexError):
         return None
     return {"inputs": [{"name": "input-0", "shape": [len(rows), len(rows[0])], "datatype": "FP64", "data": flat}]}
-
-
-def wait_until(done: Callable[[], bool], timeout: float, procs: Sequence[subprocess.Popen] = (), interval: float = 0.5) -> bool:
-    """True once `done()` is; False if one of `procs` exits or `timeout` seconds pass first.
-
-    `done` is asked before each wait and once after the last one, while every process runs.
-    """
-    deadline = time.monotonic() + timeout
-    while all(p.poll() is None for p in procs):
-        if done():
-            return True
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(interval)
-    return False
-
-
-def answers(url: str) -> bool:
-    """`url` answers 2xx (anything else raises HTTPError, an OSError)."""
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float, interval: float = 0.5) -> bool:
-    """True once `url` answers 200; False if `proc` exits or `timeout` seconds pass first."""
-    return wait_until(lambda: answers(url), timeout, [proc], interval)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_ready(ports: Ports, proc: subprocess.Popen, timeout: float = 300) -> bool:

@@ -3,7 +3,8 @@
 MLServer imports a model's runtime in its main process before it loads the model, so these are in
 place before the first load finishes and before the first request reaches a model. Each one is
 small, idempotent and tied to 1.7.1's internals; tests/test_reliability.py checks each against a
-real server, so an MLServer upgrade that breaks one fails there.
+real server, so an MLServer upgrade that breaks one fails there, and `apply()` refuses to patch any
+other release (`TESTED_MLSERVER`): the model fails to load, saying which release to install.
 
 - Readiness with parallel workers: a runtime's `load()` returning False marks the model not ready
   (MLServer's documented contract), but with parallel workers the main process reports every model
@@ -22,6 +23,7 @@ real server, so an MLServer upgrade that breaks one fails there.
 from __future__ import annotations
 
 import grpc
+import mlserver
 from mlserver.errors import InferenceError, MLServerError
 from mlserver.grpc import converters
 from mlserver.grpc.utils import STATUS_CODE_MAPPING
@@ -30,6 +32,7 @@ from mlserver.parallel.model import ParallelModel
 
 from . import drain, rest
 
+TESTED_MLSERVER = "1.7.1"  # every patch here names lines of this release; another may have moved them
 READINESS_PROBE = "is_ready"  # the runtime method a worker answers with its model's readiness
 
 
@@ -74,7 +77,22 @@ def _wrap_get_worker(get_worker):
     return wrapped
 
 
+class UntestedMLServer(RuntimeError):
+    pass
+
+
+def check_version(found: str) -> None:
+    """Refuse to patch an MLServer these patches were not tested with: a moved line would fail silently."""
+    if found != TESTED_MLSERVER:
+        raise UntestedMLServer(
+            f"MLServer {found} is installed; this project's runtimes patch MLServer {TESTED_MLSERVER} (runtimes/mlserver_patches.py) "
+            f"and refuse to start on another release: install mlserver=={TESTED_MLSERVER} (requirements-serving.lock), or update "
+            "the patches and their tests for the new release"
+        )
+
+
 def apply() -> None:
+    check_version(mlserver.__version__)
     ParallelModel.load = _parallel_load
     if not getattr(converters.ModelInferRequestConverter.to_types, "mlops_patched", False):
         converters.ModelInferRequestConverter.to_types = _wrap_request_converter(converters.ModelInferRequestConverter.to_types)

@@ -39,8 +39,9 @@ from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelRes
 from pydantic import ValidationError
 
 from . import metrics
+from .artifacts import ModelLoadError, retry_later
 from .contract import RouterExtra, VariantRoute
-from .registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, ReportedModel, retry_later
+from .registry_sklearn import RegistrySKLearnRuntime, ReportedModel
 
 logger = logging.getLogger("mlserver.router")
 

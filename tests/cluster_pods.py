@@ -25,7 +25,8 @@ from pathlib import Path
 from conftest import REPO, free_port, stop_group
 from mlops import cluster, seldon
 from mlops.prometheus import scrape_job
-from mlops.serve import mlserver_command, wait_for, wait_until
+from mlops.processes import wait_for, wait_until
+from mlops.serve import mlserver_command
 from mlops.validate import rendered_environments
 
 POD_NET = "127.0.77."  # pod i gets POD_NET + (i + 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops.serve import answers, wait_until
+from mlops.processes import answers, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 MLOPS = str(Path(sys.executable).with_name("mlops"))

@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import REPO, Server, free_port, mlops, stop_group
-from mlops.serve import wait_for
+from mlops.processes import wait_for
 
 COLUMNS = ["radius", "texture", "perimeter", "clinic"]
 ROWS = {"radius": [14.1, 20.6, 9.5], "texture": [19.3, 29.3, 12.4], "perimeter": [91.9, 140.1, 60.3], "clinic": ["north", "east", "south"]}

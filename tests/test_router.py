@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -17,6 +19,14 @@ import tritonclient.http as httpclient
 from conftest import Server, mlops, scrape
 
 ROW = np.array([[5.9, 3.0, 5.1, 1.8]])
+Z_999 = NormalDist().inv_cdf(1 - 0.001 / 2)  # two-sided 99.9% bound: a correct split fails one run in 1,000
+WRONG_BY = 0.10  # a split this far off its weights must fail, e.g. 70/30 or 90/10 for 80/20
+
+
+def requests_to_tell_apart(p: float, off_by: float) -> int:
+    """Fewest requests for which a share `off_by` away from p falls outside p's 99.9% bound 99.9% of the time."""
+    sd = lambda q: math.sqrt(q * (1 - q))  # noqa: E731
+    return max(math.ceil((Z_999 * (sd(p) + sd(q)) / off_by) ** 2) for q in (p - off_by, p + off_by) if 0 < q < 1)
 
 
 def rest_infer(client, model="iris", key=None):
@@ -55,15 +65,18 @@ def test_response_says_which_variant_answered(server):
         assert rest_infer(httpclient.InferenceServerClient(server.url), model=f"iris-{name}")["model_name"] == f"iris-{name}"
 
 
-def test_20000_requests_split_80_20_within_binomial_interval(server):
-    """99.9% two-sided binomial interval: |observed - expected| <= 3.29 sigma."""
-    n, p = 20_000, 0.8
+def test_requests_split_by_weight_within_binomial_interval(server):
+    """As many requests as it takes to tell the weights from a split 10 points off (about 800 for 80/20)."""
+    settings = json.loads((server.project / "model-settings/iris/model-settings.json").read_text())
+    weights = {v["name"]: v["weight"] for v in settings["parameters"]["extra"]["variants"] if not v.get("shadow")}
+    p = weights["champion"] / sum(weights.values())
+    n = requests_to_tell_apart(p, WRONG_BY)
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}")
     with ThreadPoolExecutor(8) as pool:
         variants = Counter(pool.map(lambda _: variant_of(grpc_infer(client)), range(n)))
-    assert set(variants) == {"champion", "challenger"}
+    assert set(variants) == set(weights)
     sigma = (n * p * (1 - p)) ** 0.5
-    assert abs(variants["champion"] - n * p) <= 3.29 * sigma, variants
+    assert abs(variants["champion"] - n * p) <= Z_999 * sigma, (variants, n, p)
 
 
 def test_same_key_same_variant(server):
@@ -163,4 +176,4 @@ def test_weight_change_under_load_loses_no_request_and_moves_only_the_moved_shar
     champions = sum(v == "champion" for v in before.values())
     # 20 of champion's 80 points moved: a quarter of its keys, within a 99.9% binomial interval.
     sigma = (champions * 0.25 * 0.75) ** 0.5
-    assert abs(len(moved) - champions * 0.25) <= 3.29 * sigma, (len(moved), champions)
+    assert abs(len(moved) - champions * 0.25) <= Z_999 * sigma, (len(moved), champions)

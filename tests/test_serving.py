@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from mlops.registry import default_registry
-from mlops.serve import wait_until
+from mlops.processes import wait_until
 from training.catalog import JOBS
 
 

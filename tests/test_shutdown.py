@@ -48,7 +48,8 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import Server, children
 from runtimes.contract import DRAIN_SECONDS
-from mlops.serve import LOOPBACK, wait_for, wait_until
+from mlops.processes import wait_for, wait_until
+from mlops.serve import LOOPBACK
 
 MODEL = "iris"
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float64)

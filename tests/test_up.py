@@ -13,7 +13,7 @@ import urllib.request
 from conftest import MLOPS, free_port, mlops, new_project
 
 from mlops import dashboards
-from mlops.serve import answers, wait_until
+from mlops.processes import answers, wait_until
 
 
 def _query(url: str, expr: str) -> list[dict]:

@@ -12,7 +12,8 @@ from mlops.registry import ResolvedVariant
 from mlops.spec import Trust
 from mlops.sync import router_settings, variant_settings
 from runtimes.contract import RouterExtra, RuntimeExtra
-from runtimes.registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
+from runtimes.artifacts import ModelLoadError
+from runtimes.registry_sklearn import RegistrySKLearnRuntime
 from runtimes.router import RouterRuntime
 
 VARIANTS = [ResolvedVariant("iris", "champion", "3", "champion", 90, False), ResolvedVariant("iris", "shadow", "4", None, 0, True)]
@@ -43,3 +44,13 @@ def test_settings_that_break_the_contract_are_refused_naming_the_field(runtime, 
     with pytest.raises(ModelLoadError) as err:
         asyncio.run(model.load_model())
     assert message in str(err.value)
+
+
+def test_the_patches_refuse_an_mlserver_they_were_not_tested_with():
+    import mlserver
+
+    from runtimes import mlserver_patches
+
+    mlserver_patches.check_version(mlserver.__version__)  # the installed one is the tested one
+    with pytest.raises(mlserver_patches.UntestedMLServer, match=r"MLServer 1\.8\.0 is installed; .* patch MLServer 1\.7\.1 .* install mlserver==1\.7\.1"):
+        mlserver_patches.check_version("1.8.0")

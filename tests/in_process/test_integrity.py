@@ -12,7 +12,7 @@ import pytest
 
 from conftest import in_registry, mlops, new_project
 from runtimes.integrity import TAG
-from runtimes.registry_sklearn import ModelLoadError
+from runtimes.artifacts import ModelLoadError
 
 from test_runtime_safety import load_runtime
 

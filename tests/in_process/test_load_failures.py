@@ -11,7 +11,8 @@ from mlserver.settings import ModelParameters, ModelSettings
 from prometheus_client import REGISTRY
 
 from conftest import in_registry
-from runtimes.registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
+from runtimes.artifacts import ModelLoadError
+from runtimes.registry_sklearn import RegistrySKLearnRuntime
 from runtimes.router import BUCKETS, RouterRuntime
 
 

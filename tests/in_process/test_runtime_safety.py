@@ -11,7 +11,8 @@ import yaml
 from mlserver.settings import ModelParameters, ModelSettings
 from sklearn.linear_model import LogisticRegression
 
-from runtimes.registry_sklearn import ModelLoadError, RegistrySKLearnRuntime, load_estimator
+from runtimes.artifacts import ModelLoadError, load_estimator
+from runtimes.registry_sklearn import RegistrySKLearnRuntime
 
 
 def artifact_dirs(project):

@@ -17,8 +17,9 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, RequestInput, RequestOutput
 
 from conftest import free_port, in_registry
-from mlops.serve import wait_for
-from runtimes.registry_sklearn import ModelLoadError, RegistrySKLearnRuntime
+from mlops.processes import wait_for
+from runtimes.artifacts import ModelLoadError
+from runtimes.registry_sklearn import RegistrySKLearnRuntime
 
 BUCKET = "models"
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3], [7.7, 3.0, 6.1, 2.3]])
