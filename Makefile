@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 
-.PHONY: install system-packages up test bench lock clean
+.PHONY: install system-packages up test lint bench lock clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ test: install system-packages
 	$(BIN)/python -m pytest -q tests --ignore=tests/in_process
 	$(BIN)/python -m pytest -q tests/in_process
 
+# ruff (lint and format) on everything, mypy on the serving code; configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 # The benchmark (README, "Performance"): about 17 minutes; results in bench/results/.
 bench: install system-packages
 	$(BIN)/mlops bench
@@ -43,7 +49,7 @@ bench: install system-packages
 # Regenerate the locks after changing dependencies in pyproject.toml: requirements.lock for
 # development and tests, requirements-serving.lock (the same versions, no extras) for the image.
 lock: install
-	$(BIN)/uv pip compile pyproject.toml --extra test --extra bench --python-version 3.11 --no-header -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra bench --extra lint --python-version 3.11 --no-header -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml -c requirements.lock --python-version 3.11 --no-header -o requirements-serving.lock
 
 clean:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from runtimes.metrics import proc_stat
 
-from .registry import Registry, default_registry
 from .processes import stop_process, wait_for
+from .registry import Registry, default_registry
 from .serve import Ports, mlserver_command, server_env
 
 PAYLOAD = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
@@ -175,12 +175,9 @@ def wrk(url: str, body_file: Path, connections: int, seconds: float, workdir: Pa
     script = workdir / f"post-{body_file.stem}.lua"  # one per payload
     if not script.exists():
         script.write_text(
-            'wrk.method = "POST"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = io.open({str(body_file)!r}, 'rb'):read('*a')\n"
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = io.open({str(body_file)!r}, \'rb\'):read(\'*a\')\n'
         )
-    out = _load_generator(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url])
+    out = _load_generator(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url])
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -193,8 +190,23 @@ def h2load(url: str, body_file: Path, connections: int, seconds: float, workdir:
     log = workdir / "h2load.log"
     log.unlink(missing_ok=True)  # h2load appends to its log file
     out = _load_generator(
-        ["h2load", "-t1", f"-c{connections}", "-m1", f"-D{seconds:g}", "--warm-up-time=1", "-d", str(body_file),
-         "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log}", url])
+        [
+            "h2load",
+            "-t1",
+            f"-c{connections}",
+            "-m1",
+            f"-D{seconds:g}",
+            "--warm-up-time=1",
+            "-d",
+            str(body_file),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            f"--log-file={log}",
+            url,
+        ]
+    )
     m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     if not m:
         raise BenchError(f"cannot read h2load's output:\n{out}")
@@ -216,7 +228,9 @@ def grpc_body(model: str) -> bytes:
         model_name=model,
         inputs=[
             pb.ModelInferRequest.InferInputTensor(
-                name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"],
+                name=tensor["name"],
+                datatype=tensor["datatype"],
+                shape=tensor["shape"],
                 contents=pb.InferTensorContents(fp64_contents=tensor["data"]),
             )
         ],
@@ -244,7 +258,9 @@ def grpc_predict(port: int, model: str) -> list:
 def rest_predict(port: int, model: str, body: Path) -> list:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v2/models/{model}/infer",
-        data=body.read_bytes(), headers={"Content-Type": "application/json"}, method="POST",
+        data=body.read_bytes(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())["outputs"][0]["data"]
@@ -298,12 +314,14 @@ def measure(systems: list[System], connections: list[int], rounds: int, seconds:
         s.load(max(connections), min(2, seconds), workdir)
         s.runs.clear()
     for r in range(rounds):
-        order = systems[r % len(systems):] + systems[: r % len(systems)]
+        order = systems[r % len(systems) :] + systems[: r % len(systems)]
         for c in connections:
             for s in order:
                 run = s.load(c, seconds, workdir)
-                echo(f"round {r + 1}/{rounds} {c:>3} conn. {s.label:<44} {run.rps:7.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
-                     f"p99 {run.p99_ms:7.2f} ms  errors {run.errors}  server cpu {run.server_cpu:.2f}")
+                echo(
+                    f"round {r + 1}/{rounds} {c:>3} conn. {s.label:<44} {run.rps:7.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
+                    f"p99 {run.p99_ms:7.2f} ms  errors {run.errors}  server cpu {run.server_cpu:.2f}"
+                )
     check_answers(systems)
     return {s.key: s.summary() for s in systems}
 
@@ -355,7 +373,9 @@ def prepare(workdir: Path, echo) -> tuple[Path, Registry, str, Path]:
     return project, registry, version, model_dir
 
 
-def start_systems(workdir: Path, project: Path, registry: Registry, version: str, model_dir: Path, body: Path, grpc_file: Path, columns_body: Path) -> list[System]:
+def start_systems(
+    workdir: Path, project: Path, registry: Registry, version: str, model_dir: Path, body: Path, grpc_file: Path, columns_body: Path
+) -> list[System]:
     ours, ours_ports = start_mlserver("mlserver", project / "model-settings", registry, workdir)
     stock, tuned = (
         start_mlserver(name, stock_settings(workdir / name, version, server_settings), registry, workdir)[0]
@@ -367,9 +387,19 @@ def start_systems(workdir: Path, project: Path, registry: Registry, version: str
     mono_port = free_port()
     mono = start(
         "monolith",
-        [str(Path(sys.executable).with_name("uvicorn")), "bench.monolith:app", "--port", str(mono_port), "--log-level", "warning",
-         "--app-dir", str(Path(__file__).resolve().parents[1])],
-        {**os.environ, "MODEL_DIR": str(model_dir)}, mono_port, workdir,
+        [
+            str(Path(sys.executable).with_name("uvicorn")),
+            "bench.monolith:app",
+            "--port",
+            str(mono_port),
+            "--log-level",
+            "warning",
+            "--app-dir",
+            str(Path(__file__).resolve().parents[1]),
+        ],
+        {**os.environ, "MODEL_DIR": str(model_dir)},
+        mono_port,
+        workdir,
     )
     for proc, path in ((ours, "/v2/health/ready"), (stock, "/v2/health/ready"), (tuned, "/v2/health/ready"), (mono, "/docs")):
         wait_ready(proc, path)
@@ -446,8 +476,7 @@ def register_copies(registry: Registry, source_dir: Path, count: int) -> list[st
 
 
 def ready_models(port: int) -> int:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/repository/index", data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/repository/index", data=b"{}", method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return sum(1 for m in json.loads(r.read()) if m.get("state") == "READY")
 
@@ -483,8 +512,7 @@ def run_scale(workdir: Path, registry: Registry, model_dir: Path, seconds: float
         echo(f"  {n} model(s): ready in {ready:.1f} s, resident {proc.rss_mb():.0f} MB")
     servers.pop(10).stop()
     result["mb_per_additional_model"] = round((result["serving"]["50"]["rss_mb"] - result["serving"]["1"]["rss_mb"]) / 49, 2)
-    pair = [System(f"one-of-{n}", f"m000 with {n} model(s) loaded", p, f"http://127.0.0.1:{p.port}/v2/models/m000/infer", body)
-            for n, p in servers.items()]
+    pair = [System(f"one-of-{n}", f"m000 with {n} model(s) loaded", p, f"http://127.0.0.1:{p.port}/v2/models/m000/infer", body) for n, p in servers.items()]
     try:
         load = measure(pair, [8], rounds, seconds, workdir, echo)
     finally:
@@ -513,8 +541,9 @@ def run_soak(system: System, seconds: int, workdir: Path, echo) -> dict:
     slice_seconds = max(1, round(seconds / count))  # wrk takes whole seconds
     warmup = min(SOAK_WARMUP_SECONDS, slice_seconds)
     load_average = Path("/proc/loadavg").read_text().split()[:3]
-    echo(f"soak: {system.label}, {SOAK_CONNECTIONS} connections, {count} x {slice_seconds} s after {warmup} s of warm-up "
-         f"(load average {' '.join(load_average)})")
+    echo(
+        f"soak: {system.label}, {SOAK_CONNECTIONS} connections, {count} x {slice_seconds} s after {warmup} s of warm-up (load average {' '.join(load_average)})"
+    )
     _, _, _, warm_requests, warm_errors = wrk(system.url, system.body, SOAK_CONNECTIONS, warmup, workdir)
     rss_start = system.proc.rss_mb()
     slices = []
@@ -522,10 +551,21 @@ def run_soak(system: System, seconds: int, workdir: Path, echo) -> dict:
         cpu0, t0 = system.proc.cpu_seconds(), time.monotonic()
         rps, p50, p99, n, errors = wrk(system.url, system.body, SOAK_CONNECTIONS, slice_seconds, workdir)
         cpu = (system.proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-        slices.append({"rps": round(rps, 1), "p50_ms": p50, "p99_ms": p99, "requests": n, "errors": errors,
-                       "server_cpu_cores": round(cpu, 2), "rss_mb": round(system.proc.rss_mb(), 1)})
-        echo(f"soak {i + 1}/{count} {rps:7.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}  "
-             f"server cpu {cpu:.2f}  resident {slices[-1]['rss_mb']:.1f} MB")
+        slices.append(
+            {
+                "rps": round(rps, 1),
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "requests": n,
+                "errors": errors,
+                "server_cpu_cores": round(cpu, 2),
+                "rss_mb": round(system.proc.rss_mb(), 1),
+            }
+        )
+        echo(
+            f"soak {i + 1}/{count} {rps:7.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  errors {errors}  "
+            f"server cpu {cpu:.2f}  resident {slices[-1]['rss_mb']:.1f} MB"
+        )
     return {
         "system": system.key, "connections": SOAK_CONNECTIONS, "seconds": count * slice_seconds, "slice_seconds": slice_seconds,
         "warmup_seconds": warmup, "load_average_at_start": [float(x) for x in load_average],
@@ -541,13 +581,20 @@ def run_soak(system: System, seconds: int, workdir: Path, echo) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
-    mem = next((int(l.split()[1]) // 1024 // 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), 0)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
     from importlib.metadata import version
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
-            "mlserver": version("mlserver"), "mlflow": version("mlflow"), "scikit_learn": version("scikit-learn"),
-            "load_average_at_start": os.getloadavg()[0]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+        "python": platform.python_version(),
+        "mlserver": version("mlserver"),
+        "mlflow": version("mlflow"),
+        "scikit_learn": version("scikit-learn"),
+        "load_average_at_start": os.getloadavg()[0],
+    }
 
 
 def verdicts(load: dict, scale: dict | None, soak: dict | None = None) -> dict:
@@ -624,8 +671,9 @@ def table(results: dict) -> list[str]:
         base = sweep[next(iter(sweep))]
         rows += ["", "| server settings (routed REST) | 8 conn.: req/s (x chosen), p99 ms | 64 conn.: req/s (x chosen), p99 ms |", "|---|---|---|"]
         for name, r in sweep.items():
-            rows.append(f"| {name} | " + " | ".join(
-                f"{r[c]['rps']:.0f} ({r[c]['rps'] / base[c]['rps']:.2f}x), {r[c]['p99_ms']:.1f}" for c in ("8", "64")) + " |")
+            rows.append(
+                f"| {name} | " + " | ".join(f"{r[c]['rps']:.0f} ({r[c]['rps'] / base[c]['rps']:.2f}x), {r[c]['p99_ms']:.1f}" for c in ("8", "64")) + " |"
+            )
     if soak := results.get("soak"):
         met = lambda name: f"{'yes' if results['targets'][name]['met'] else 'no'} ({results['targets'][name]['target']})"  # noqa: E731
         change = lambda a, b: f"{(b / a - 1) * 100:+.1f}%"  # noqa: E731
@@ -674,8 +722,16 @@ def run(out_dir: Path, rounds: int, seconds: float, connections: list[int], scal
         scale_result = run_scale(workdir, registry, model_dir, seconds, rounds, body, echo) if scale else None
     results = {
         "machine": host,
-        "settings": {"rounds": rounds, "seconds_per_run": seconds, "connections": connections, "payload": PAYLOAD, "columns_payload": COLUMNS_PAYLOAD,
-                     "spec": BENCH_SPEC, "load_generators": "wrk -t1 (REST), h2load -t1 -m1 (gRPC)", "soak_seconds": soak_seconds},
+        "settings": {
+            "rounds": rounds,
+            "seconds_per_run": seconds,
+            "connections": connections,
+            "payload": PAYLOAD,
+            "columns_payload": COLUMNS_PAYLOAD,
+            "spec": BENCH_SPEC,
+            "load_generators": "wrk -t1 (REST), h2load -t1 -m1 (gRPC)",
+            "soak_seconds": soak_seconds,
+        },
         "systems": {s.key: s.label for s in systems},
         "load": load,
         "ratios_to_monolith": {k: {c: round(v[c]["rps"] / load["monolith"][c]["rps"], 3) for c in v} for k, v in load.items()},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -30,9 +30,7 @@ out = Console()
 HttpPort = Annotated[int, typer.Option(help="REST (V2 inference protocol) port.")]
 GrpcPort = Annotated[int, typer.Option(help="gRPC (V2 inference protocol) port.")]
 MetricsPort = Annotated[int, typer.Option(help="Prometheus metrics port.")]
-Host = Annotated[
-    str, typer.Option(envvar="MLSERVER_HOST", help="Interface to listen on. 0.0.0.0 serves every network this machine is on, unauthenticated.")
-]
+Host = Annotated[str, typer.Option(envvar="MLSERVER_HOST", help="Interface to listen on. 0.0.0.0 serves every network this machine is on, unauthenticated.")]
 
 
 def project_root() -> Path:
@@ -90,7 +88,7 @@ def _train(models: list[str]) -> None:
 
 @app.command()
 def train(
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Train only this model (repeatable).")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Train only this model (repeatable).")] = None,
 ) -> None:
     """Fit every candidate, log it to MLflow, register versions, set @champion/@challenger."""
     from training.catalog import JOBS
@@ -124,7 +122,7 @@ def _sync(check: bool, reload: list[str] = ()):
 def sync(
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if generated files are stale.")] = False,
     reload: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--reload",
             metavar="URL",
@@ -210,11 +208,11 @@ def up(
 def registry_server(
     ctx: typer.Context,
     backend_store_uri: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(envvar="MLOPS_BACKEND_STORE_URI", help="postgresql://user:pw@host/db or mysql+pymysql://user:pw@host/db."),
     ] = None,
     artifacts_destination: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(envvar="MLOPS_ARTIFACTS_DESTINATION", help="Folder or s3://bucket/path (default: .mlops/registry-server/artifacts)."),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback requires auth.")] = "127.0.0.1",
@@ -222,7 +220,7 @@ def registry_server(
     workers: Annotated[int, typer.Option(help="Server worker processes.")] = 4,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="MLflow basic auth; --no-auth only on loopback.")] = True,
     auth_db_uri: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(envvar="MLOPS_AUTH_DB_URI", help="Users and permissions (default: SQLite in .mlops/registry-server/)."),
     ] = None,
     admin_username: Annotated[str, typer.Option(envvar="MLOPS_REGISTRY_ADMIN_USERNAME", help="Admin created on first start.")] = "admin",
@@ -230,7 +228,8 @@ def registry_server(
     auth_cache_seconds: Annotated[
         int,
         typer.Option(
-            min=0, envvar="MLOPS_AUTH_CACHE_SECONDS",
+            min=0,
+            envvar="MLOPS_AUTH_CACHE_SECONDS",
             help="Trust a login this long once its password checked out, instead of hashing it on every request "
             "(each worker keeps its own: a changed or deleted password still works that long on the others). 0: check every request.",
         ),
@@ -256,9 +255,7 @@ def registry_server(
 
 @app.command()
 def validate(
-    crds_dir: Annotated[
-        Optional[Path], typer.Option(help="Upstream CRDs to validate against [env: MLOPS_CRDS_DIR; default: ../shared/crds].")
-    ] = None,
+    crds_dir: Annotated[Path | None, typer.Option(help="Upstream CRDs to validate against [env: MLOPS_CRDS_DIR; default: ../shared/crds].")] = None,
 ) -> None:
     """Render every clusters/<env> with kubectl kustomize and validate each object offline."""
     from . import validate as validation

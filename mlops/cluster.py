@@ -126,7 +126,7 @@ class Container:
 
     @property
     def readiness_path(self) -> str | None:
-        return ((self.probes["readiness"].get("httpGet") or {}).get("path"))
+        return (self.probes["readiness"].get("httpGet") or {}).get("path")
 
     def environment(self, image_env: dict[str, str]) -> dict[str, str]:
         """What the process sees: the image's ENV, then the pod's env in order (the last of a name wins)."""
@@ -315,7 +315,7 @@ def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
                 and (o.get("metadata") or {}).get("namespace") == ns]  # fmt: skip
     if not gateways:
         return [f"the VirtualService the operator makes binds to the Istio Gateway {ns}/{name}, which nothing here creates: no request reaches the model"]
-    gw = (gateways[0].get("spec") or {})
+    gw = gateways[0].get("spec") or {}
     selector = gw.get("selector") or {}
     pods = gateway_pod_labels(objects)
     problems = []
@@ -585,7 +585,12 @@ def podmonitor_problems(objects: list[dict], deployments: list[Deployment], imag
                     if p.container.ports.get(ep.get("port")) != port or ep.get("path", "/metrics") != path:
                         missed.append(f"{dep.name}/{p.name} serves them on {port} at {path}")
             if missed:
-                out.append((_where(pm), f"podMetricsEndpoints[{i}]: port '{ep.get('port')}' path '{ep.get('path', '/metrics')}' misses MLServer's metrics: {'; '.join(missed)}"))
+                out.append(
+                    (
+                        _where(pm),
+                        f"podMetricsEndpoints[{i}]: port '{ep.get('port')}' path '{ep.get('path', '/metrics')}' misses MLServer's metrics: {'; '.join(missed)}",
+                    )
+                )
     return out
 
 
@@ -618,8 +623,7 @@ def local_only(spec) -> list[str]:
     for name, model in sorted(spec.models.items()):
         if model.fallback:
             notes.append(
-                f"models.{name}.fallback: local only; in a cluster Istio keeps sending a failed variant's share to its "
-                "not-ready pods, which answer 503"
+                f"models.{name}.fallback: local only; in a cluster Istio keeps sending a failed variant's share to its not-ready pods, which answer 503"
             )
     return notes
 

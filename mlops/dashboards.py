@@ -147,8 +147,10 @@ def variant_share(by_v: str, by_m: str, window: str, models: str = "", variants:
 
 
 def _thresholds(*steps: tuple[float, str]) -> db.ThresholdsConfig:
-    return db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
-        [dm.Threshold(value=None, color="green"), *(dm.Threshold(value=v, color=c) for v, c in steps)]
+    return (
+        db.ThresholdsConfig()
+        .mode(dm.ThresholdsMode.ABSOLUTE)
+        .steps([dm.Threshold(value=None, color="green"), *(dm.Threshold(value=v, color=c) for v, c in steps)])
     )
 
 
@@ -425,9 +427,7 @@ class _Dumper(yaml.SafeDumper):
     pass
 
 
-_Dumper.add_representer(
-    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
-)
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
 
 
 def _yaml(obj: dict) -> str:

@@ -136,9 +136,7 @@ def resolve(spec: DeploymentSpec, registry: Registry, spec_name: str = SPEC_FILE
             registered = client.get_registered_model(mname)
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise SpecError(
-                    f"{spec_name}: models.{mname}: no registered model '{mname}' in {registry.tracking_uri}"
-                ) from None
+                raise SpecError(f"{spec_name}: models.{mname}: no registered model '{mname}' in {registry.tracking_uri}") from None
             raise RegistryError(f"MLflow registry at {registry.tracking_uri}: {_describe(exc)}") from None
         aliases = sorted(getattr(registered, "aliases", {}) or {})
         variants = []

@@ -14,9 +14,10 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 SERVER_DIR = "registry-server"  # under .mlops/: default artifacts and auth database
 PASSWORD_ENV = "MLOPS_REGISTRY_ADMIN_PASSWORD"
@@ -108,8 +109,7 @@ def _artifacts(dest: str | None, default: Path) -> str:
                 import boto3  # noqa: F401
             except ModuleNotFoundError:
                 raise ConfigError(
-                    f"artifacts destination {dest} needs boto3 on the server (pip install boto3) "
-                    "and AWS credentials in its environment; clients need neither"
+                    f"artifacts destination {dest} needs boto3 on the server (pip install boto3) and AWS credentials in its environment; clients need neither"
                 ) from None
         return dest
     path = Path(dest).expanduser().resolve() if dest else default
@@ -160,10 +160,7 @@ def command(opts: Options, root: Path, echo: Callable[[str], None] = print) -> t
     if opts.default_permission not in PERMISSIONS:
         raise ConfigError(f"--default-permission must be one of {', '.join(PERMISSIONS)} (got {opts.default_permission})")
     if not opts.backend_store_uri:
-        raise ConfigError(
-            "no backend store: pass --backend-store-uri or set MLOPS_BACKEND_STORE_URI "
-            f"({' or '.join(BACKENDS.values())})"
-        )
+        raise ConfigError(f"no backend store: pass --backend-store-uri or set MLOPS_BACKEND_STORE_URI ({' or '.join(BACKENDS.values())})")
     env = {k: v for k, v in os.environ.items() if k != PASSWORD_ENV}
     # MLflow's GenAI job runner (LLM judges, trace rollups) is eight more processes a model registry never uses.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

@@ -104,8 +104,10 @@ def _yaml_findings(text: str):
             if not isinstance(node, yaml.MappingNode):
                 continue
             scalars = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode)}
-            if scalars.get("kind") is not None and scalars["kind"].value == "Secret" and not any(
-                isinstance(k, yaml.ScalarNode) and k.value == "sops" for k, _ in node.value
+            if (
+                scalars.get("kind") is not None
+                and scalars["kind"].value == "Secret"
+                and not any(isinstance(k, yaml.ScalarNode) and k.value == "sops" for k, _ in node.value)
             ):
                 for k, v in node.value:
                     if k.value in ("data", "stringData") and isinstance(v, yaml.MappingNode) and v.value:
@@ -148,17 +150,13 @@ def file_findings(name: str, text: str) -> list[tuple[int, str]]:
 def repository_files(root: Path) -> list[str]:
     """What git tracks or would track under root; outside a git work tree, every file but hidden ones."""
     try:
-        proc = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, capture_output=True, timeout=60
-        )
+        proc = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, capture_output=True, timeout=60)
     except FileNotFoundError:  # no git on this machine
         proc = None
     if proc is not None and proc.returncode == 0:
         return sorted({p for p in proc.stdout.decode().split("\0") if p and (root / p).is_file()})
     return sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
@@ -199,4 +197,3 @@ def check_object(data: dict):
             for key, value in node.items():
                 if secret_key(key) and literal(value):
                     yield (*path, key), f"literal value for '{key}': reference a Secret instead"
-

@@ -132,8 +132,7 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url:
         name, body, _ = min(samples, key=lambda s: (s[2], len(s[1]["inputs"][0]["data"])))
         lines += [
             "Try:",
-            f"  curl -s http://{ports.local}:{ports.http}/v2/models/{name}/infer "
-            f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'",
+            f"  curl -s http://{ports.local}:{ports.http}/v2/models/{name}/infer -H 'Content-Type: application/json' -d '{json.dumps(body)}'",
         ]
     lines.append("Ctrl-C stops the server and Prometheus." if prometheus_url else "Ctrl-C stops the server.")
     return "\n".join(lines)

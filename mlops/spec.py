@@ -170,9 +170,7 @@ class Environment(_Strict):
 
 
 class DeploymentSpec(_Strict):
-    environments: dict[str, Environment] = Field(
-        default_factory=lambda: {"dev": Environment(), "stage": Environment(), "prod": Environment()}
-    )
+    environments: dict[str, Environment] = Field(default_factory=lambda: {"dev": Environment(), "stage": Environment(), "prod": Environment()})
     models: dict[str, Model] = Field(min_length=1)
 
     @model_validator(mode="after")

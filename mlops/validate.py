@@ -171,7 +171,10 @@ def _check_model_refs(data: dict):
             if isinstance(env, dict) and env.get("name") == "MLSERVER_MODEL_URI":
                 uris[container.get("name")] = value = env.get("value")
                 if not PINNED_MODEL.match(str(value)):
-                    yield _field([*path, "env", i, "value"]), f"MLSERVER_MODEL_URI '{value}' is not pinned: use models:/<name>/<version>, not an alias or 'latest'"
+                    yield (
+                        _field([*path, "env", i, "value"]),
+                        f"MLSERVER_MODEL_URI '{value}' is not pinned: use models:/<name>/<version>, not an alias or 'latest'",
+                    )
     if data.get("kind") != "SeldonDeployment":
         return
     for p, predictor in enumerate((data.get("spec") or {}).get("predictors") or []):
@@ -341,7 +344,9 @@ def spec_problems(spec: DeploymentSpec) -> list[str]:
         elif name == PRODUCTION and env.auth == NO_AUTH:
             out.append(f"{where}.auth: `{NO_AUTH}` is refused for {PRODUCTION}: anyone who reaches the ingress could call every model; set `jwt`")
         if name == PRODUCTION and env.tls is None:
-            out.append(f"{where}.tls: {PRODUCTION} needs TLS at the ingress (tokens must not cross in plaintext); name the certificate's Secret in `tls.credential_name`")
+            out.append(
+                f"{where}.tls: {PRODUCTION} needs TLS at the ingress (tokens must not cross in plaintext); name the certificate's Secret in `tls.credential_name`"
+            )
     return out
 
 

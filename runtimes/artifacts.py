@@ -127,8 +127,7 @@ def load_estimator(model_dir: Path, extra_trusted: Sequence[str] = (), allow_pic
             )
         if not allow_pickle:
             raise ModelLoadError(
-                f"{model_dir}: flavor(s) {', '.join(sorted(flavors))} load through pyfunc, which may unpickle; "
-                f"set {trust}.allow_pickle: true to serve it"
+                f"{model_dir}: flavor(s) {', '.join(sorted(flavors))} load through pyfunc, which may unpickle; set {trust}.allow_pickle: true to serve it"
             )
         import mlflow.pyfunc
 

@@ -92,7 +92,9 @@ async def _drain(server: MLServer, sig: int | None) -> None:
     answered_before = uv.server_state.total_requests if uv else 0
     logger.info(
         "%s: draining for at most %d s: new connections refused; answering the %d REST requests and the gRPC calls in progress",
-        _name(sig), DRAIN_SECONDS, len(uv.server_state.tasks) if uv else 0,
+        _name(sig),
+        DRAIN_SECONDS,
+        len(uv.server_state.tasks) if uv else 0,
     )
 
     cut_off = await _drain_rest(uv, deadline) if uv else 0

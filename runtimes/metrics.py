@@ -36,8 +36,7 @@ def router_metrics() -> RouterMetrics:
     return RouterMetrics(
         requests=Counter(
             contract.ROUTER_REQUESTS,
-            "Requests answered by each variant; role is live or shadow; outcome is ok, client_error, "
-            "error, dropped (shadow queue full) or load_error.",
+            "Requests answered by each variant; role is live or shadow; outcome is ok, client_error, error, dropped (shadow queue full) or load_error.",
             ["model", "variant", "role", "outcome"],
         ),
         latency=Histogram(
@@ -84,12 +83,16 @@ def batch_metrics() -> BatchMetrics:
     its queue histograms only act with parallel workers, which the shipped settings turn off."""
     return BatchMetrics(
         size=Histogram(
-            contract.BATCH_REQUESTS, "Requests stacked into one estimator call by the runtime's coalescing.",
-            ["model"], buckets=BATCH_SIZE_BUCKETS,
+            contract.BATCH_REQUESTS,
+            "Requests stacked into one estimator call by the runtime's coalescing.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
         ),
         wait=Histogram(
-            contract.BATCH_WAIT, "Time the first request of each coalesced call waited for company before the call.",
-            ["model"], buckets=BATCH_WAIT_BUCKETS,
+            contract.BATCH_WAIT,
+            "Time the first request of each coalesced call waited for company before the call.",
+            ["model"],
+            buckets=BATCH_WAIT_BUCKETS,
         ),
     )
 
@@ -110,12 +113,16 @@ def model_metrics() -> ModelMetrics:
         loads=Counter(contract.MODEL_LOADS, "Model loads in this server, by outcome (ok or error).", ["model", "outcome"]),
         ready=Gauge(contract.MODEL_READY, "1 while the model is loaded and ready in a live worker.", ["model"], multiprocess_mode="livemax"),
         cpu=Gauge(
-            contract.PROCESS_CPU, "CPU time (user + system) of an MLServer process.",
-            ["process", "pid"], multiprocess_mode="livemostrecent",
+            contract.PROCESS_CPU,
+            "CPU time (user + system) of an MLServer process.",
+            ["process", "pid"],
+            multiprocess_mode="livemostrecent",
         ),
         memory=Gauge(
-            contract.PROCESS_MEMORY, "Resident memory of an MLServer process.",
-            ["process", "pid"], multiprocess_mode="livemostrecent",
+            contract.PROCESS_MEMORY,
+            "Resident memory of an MLServer process.",
+            ["process", "pid"],
+            multiprocess_mode="livemostrecent",
         ),
     )
 

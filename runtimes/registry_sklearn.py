@@ -196,18 +196,14 @@ class RegistrySKLearnRuntime(ReportedModel):
         if X.ndim != 2:
             raise InferenceError(f"input '{inp.name}' must have shape [rows, features], got {list(X.shape)}")
         if self._n_features is not None and X.shape[1] != self._n_features:
-            raise InferenceError(
-                f"input '{inp.name}' has {X.shape[1]} features per row, the model expects {self._n_features}"
-            )
+            raise InferenceError(f"input '{inp.name}' has {X.shape[1]} features per row, the model expects {self._n_features}")
         if X.shape[0] == 0:
             raise InferenceError(f"input '{inp.name}' has no rows")
         if X.dtype.kind == "f" and X.size and not np.abs(X).max() <= MAX_MAGNITUDE:  # one pass: NaN compares false
             finite = np.isfinite(X).all(axis=1)
             if not finite.all():
                 raise InferenceError(
-                    f"input '{inp.name}' contains NaN or Inf (null over REST), first in row {int(np.argmin(finite))}; "
-                    "the model needs finite numbers"
+                    f"input '{inp.name}' contains NaN or Inf (null over REST), first in row {int(np.argmin(finite))}; the model needs finite numbers"
                 )
             raise InferenceError(f"input '{inp.name}' has a value beyond ±{MAX_MAGNITUDE:.4g}, which the model cannot represent")
         return X
-

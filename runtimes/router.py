@@ -139,7 +139,9 @@ class RouterRuntime(ReportedModel):
         if failed:
             logger.error(
                 "router %s: serving from %s only, %s failed to load (fallback)",
-                self.name, ", ".join(f"{v.name}={v.weight * 100 / total:g}%" for v in self._live), ", ".join(failed),
+                self.name,
+                ", ".join(f"{v.name}={v.weight * 100 / total:g}%" for v in self._live),
+                ", ".join(failed),
             )
         self._queue: asyncio.Queue | None = None
 
@@ -245,4 +247,3 @@ class RouterRuntime(ReportedModel):
         if worker is not None:
             worker.cancel()
         return await super().unload()
-

@@ -100,7 +100,16 @@ def output_metadata(mlmodel: dict, has_proba: bool, classes=None) -> list[Metada
     outputs = (mlmodel.get("signature") or {}).get("outputs")
     specs = json.loads(outputs) if isinstance(outputs, str) else (outputs or [])
     kind = specs[0].get("tensor-spec", {}).get("dtype") if specs and specs[0].get("type") == "tensor" else (specs[0].get("type") if specs else None)
-    datatype = {"long": "INT64", "integer": "INT64", "int64": "INT64", "int32": "INT64", "string": "BYTES", "object": "BYTES", "boolean": "BOOL", "bool": "BOOL"}.get(kind or "", "FP64")
+    datatype = {
+        "long": "INT64",
+        "integer": "INT64",
+        "int64": "INT64",
+        "int32": "INT64",
+        "string": "BYTES",
+        "object": "BYTES",
+        "boolean": "BOOL",
+        "bool": "BOOL",
+    }.get(kind or "", "FP64")
     out = [MetadataTensor(name="predict", datatype=datatype, shape=[-1, 1])]
     if has_proba:
         out.append(MetadataTensor(name="predict_proba", datatype="FP64", shape=[-1, len(classes) if classes is not None else -1]))
@@ -108,7 +117,10 @@ def output_metadata(mlmodel: dict, has_proba: bool, classes=None) -> list[Metada
 
 
 def column_metadata(columns: list[Column]) -> list[MetadataTensor]:
-    return [MetadataTensor(name=c.name, datatype=c.datatype, shape=[-1, 1], parameters=Parameters(content_type="np" if c.type in NUMERIC else "str")) for c in columns]
+    return [
+        MetadataTensor(name=c.name, datatype=c.datatype, shape=[-1, 1], parameters=Parameters(content_type="np" if c.type in NUMERIC else "str"))
+        for c in columns
+    ]
 
 
 class ColumnDecoder:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import REPO, free_port, stop_group
+
 from mlops import cluster, seldon
-from mlops.prometheus import scrape_job
 from mlops.processes import wait_for, wait_until
+from mlops.prometheus import scrape_job
 from mlops.serve import mlserver_command
 from mlops.validate import rendered_environments
 

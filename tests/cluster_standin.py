@@ -162,7 +162,7 @@ class Standin:
         dep = next((d for d in self.deployments if path.startswith(d.prefix)), None)
         if dep is None:
             return web.Response(status=404)  # Envoy: no route
-        path = "/" + path[len(dep.prefix):]
+        path = "/" + path[len(dep.prefix) :]
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if not (self.gate.strips and k.lower() == "authorization")}
         shadow = dep.mirrored()

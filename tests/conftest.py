@@ -45,10 +45,7 @@ def in_registry(project: Path, code: str) -> str:
     MLflow keeps per-process state (store and engine caches, an exported
     MLFLOW_TRACKING_URI) that makes one process unreliable across registries.
     """
-    prelude = (
-        "import sys; from pathlib import Path; from mlops.registry import default_registry; "
-        f"client = default_registry(Path({str(project)!r})).client()\n"
-    )
+    prelude = f"import sys; from pathlib import Path; from mlops.registry import default_registry; client = default_registry(Path({str(project)!r})).client()\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     proc = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
@@ -115,7 +112,11 @@ class Server:
         full_env.update(MLOPS_PROJECT_DIR=str(project), **(env or {}))
         self.proc = subprocess.Popen(
             [MLOPS, "serve", "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)],
-            cwd=project, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=project,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -205,6 +206,7 @@ def server(trained):
 def cluster(trained, tmp_path_factory):
     """The dev environment's iris (A/B) and wine (shadow) pods behind the ingress + executor stand-in."""
     from cluster_pods import Cluster
+
     from mlops.registry import default_registry
 
     with pytest.MonkeyPatch.context() as env:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, mlops, new_project, tree_bytes
+
 from mlops import dashboards
 
 ALERT_TESTS = Path(__file__).parent / "alerts"

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from conftest import MLOPS, mlops
+
 from mlops.bench import SOAK_ERRORS, SOAK_MEMORY, SOAK_THROUGHPUT
 
 
@@ -19,7 +20,16 @@ def test_bench_measures_every_system_and_writes_its_report(tmp_path):
                  "--soak-seconds", "2", "--out", str(out), timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert set(results["systems"]) == {"routed-rest", "routed-grpc", "direct-rest", "stock-mlflow", "stock-mlflow-tuned", "monolith", "columns-direct", "columns-stock"}
+    assert set(results["systems"]) == {
+        "routed-rest",
+        "routed-grpc",
+        "direct-rest",
+        "stock-mlflow",
+        "stock-mlflow-tuned",
+        "monolith",
+        "columns-direct",
+        "columns-stock",
+    }
     for key, by_conns in results["load"].items():
         run = by_conns["2"]
         assert run["requests"] > 0 and run["rps"] > 0, key

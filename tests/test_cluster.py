@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import yaml
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
+from conftest import REPO
 from tritonclient.utils import InferenceServerException
 
 from mlops import cluster as model
 from mlops.spec import load_spec
-from conftest import REPO
 
 Z_999 = 3.2905  # two-sided 99.9% normal quantile
 ROW = {"iris": [5.1, 3.5, 1.4, 0.2], "wine": [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]}
@@ -231,8 +231,8 @@ def test_inference_needs_a_token_of_the_issuer_and_health_does_not(cluster, stag
         (stranger.token(audience), "Jwt verification fails"),
         (issuer.token(audience, issuer="https://elsewhere.example/"), "Jwt issuer is not configured"),
     ]:
-        assert reason in _denied(lambda: rest.infer("iris", [inp], headers=bearer(token))), reason
-        assert "StatusCode.UNAUTHENTICATED" in _denied(lambda: grpc.infer("iris", [ginp], headers={**seldon_headers, **bearer(token)}))
+        assert reason in _denied(lambda token=token: rest.infer("iris", [inp], headers=bearer(token))), reason
+        assert "StatusCode.UNAUTHENTICATED" in _denied(lambda token=token: grpc.infer("iris", [ginp], headers={**seldon_headers, **bearer(token)}))
     # The issuer's token: answered by a variant, as without the policy.
     good = issuer.token(audience)  # (tritonclient's HTTP client adds its own headers to the dict it is given)
     answer = rest.infer("iris", [inp], headers=bearer(good)).get_response()
@@ -260,4 +260,4 @@ def test_allow_list_refuses_a_valid_token_from_elsewhere(cluster, stage_ingress)
         if passes:
             assert rest.infer("iris", [inp], headers={"Authorization": f"Bearer {token}"}).get_response()["model_name"] == "iris"
         else:
-            assert "RBAC: access denied" in _denied(lambda: rest.infer("iris", [inp], headers={"Authorization": f"Bearer {token}"}))
+            assert "RBAC: access denied" in _denied(lambda rest=rest: rest.infer("iris", [inp], headers={"Authorization": f"Bearer {token}"}))

@@ -7,26 +7,26 @@ tmp_path, so no registry, cluster or previous `mlops sync` is needed; kubectl mu
 from __future__ import annotations
 
 import copy
+import difflib
+import importlib.metadata
 import json
 import os
 import random
-import string
-import sys
-import difflib
-import importlib.metadata
 import shutil
+import string
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import python_output
+
 from mlops import cluster, secrets, seldon
-from runtimes.contract import SELDON_DIR, VARIANT_WEIGHT
 from mlops.registry import ResolvedVariant
 from mlops.spec import DeploymentSpec
 from mlops.validate import KUBECTL_MISSING, default_crds_dir, validate
+from runtimes.contract import SELDON_DIR, VARIANT_WEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = default_crds_dir(ROOT)
@@ -56,10 +56,7 @@ SPEC = {
 
 def fake_resolve(spec: DeploymentSpec) -> dict[str, list[ResolvedVariant]]:
     return {
-        m: [
-            ResolvedVariant(m, n, str(v.version or ALIAS_VERSION), v.alias, v.weight, v.shadow)
-            for n, v in model.variants.items()
-        ]
+        m: [ResolvedVariant(m, n, str(v.version or ALIAS_VERSION), v.alias, v.weight, v.shadow) for n, v in model.variants.items()]
         for m, model in spec.models.items()
     }
 
@@ -194,7 +191,9 @@ def use_latest_tag(repo):
 
 
 def add_plaintext_secret(repo):
-    add_to_monitoring(repo, "secret.yaml", "apiVersion: v1\nkind: Secret\nmetadata:\n  name: grafana-admin\n  namespace: monitoring\nstringData:\n  admin-password: hunter2\n")
+    add_to_monitoring(
+        repo, "secret.yaml", "apiVersion: v1\nkind: Secret\nmetadata:\n  name: grafana-admin\n  namespace: monitoring\nstringData:\n  admin-password: hunter2\n"
+    )
 
 
 def add_broken_dashboard(repo):
@@ -298,8 +297,11 @@ def pod_without_security_context(repo):
 
 
 def second_pdb(repo):
-    edit(repo / "seldon/overlays/prod/iris.yaml", "- {op: test, path: /spec/predictors/1/name, value: challenger}\n",
-         "- {op: test, path: /spec/predictors/1/name, value: challenger}\n- {op: add, path: /spec/predictors/1/componentSpecs/0/pdbSpec, value: {maxUnavailable: 1}}\n")
+    edit(
+        repo / "seldon/overlays/prod/iris.yaml",
+        "- {op: test, path: /spec/predictors/1/name, value: challenger}\n",
+        "- {op: test, path: /spec/predictors/1/name, value: challenger}\n- {op: add, path: /spec/predictors/1/componentSpecs/0/pdbSpec, value: {maxUnavailable: 1}}\n",
+    )
 
 
 def short_grace(repo):
@@ -307,8 +309,11 @@ def short_grace(repo):
 
 
 def hpa_without_cpu_request(repo):
-    edit(repo / "seldon/overlays/dev/wine.yaml", "- {op: add, path: /spec/predictors/0/replicas, value: 1}",
-         "- {op: add, path: /spec/predictors/0/componentSpecs/0/hpaSpec, value: {maxReplicas: 3, minReplicas: 1, metricsv2: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}]}}")
+    edit(
+        repo / "seldon/overlays/dev/wine.yaml",
+        "- {op: add, path: /spec/predictors/0/replicas, value: 1}",
+        "- {op: add, path: /spec/predictors/0/componentSpecs/0/hpaSpec, value: {maxReplicas: 3, minReplicas: 1, metricsv2: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}]}}",
+    )
     edit(repo / "seldon/overlays/dev/wine.yaml", "requests: {cpu: 250m, memory: 512Mi}", "requests: {memory: 512Mi}")
 
 
@@ -317,7 +322,10 @@ def hpa_without_cpu_request(repo):
     [
         (second_pdb, "clusters/prod (SeldonDeployment/iris): pdbSpec on predictors champion, challenger: each PDB the operator makes selects every pod"),
         (short_grace, "clusters/dev (SeldonDeployment/wine): predictor 'champion': terminationGracePeriodSeconds 20 leaves 10 s after the preStop sleep"),
-        (hpa_without_cpu_request, "clusters/dev (SeldonDeployment/wine): predictor 'champion': hpaSpec scales on CPU utilization, which needs resources.requests.cpu"),
+        (
+            hpa_without_cpu_request,
+            "clusters/dev (SeldonDeployment/wine): predictor 'champion': hpaSpec scales on CPU utilization, which needs resources.requests.cpu",
+        ),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )
@@ -351,10 +359,22 @@ def test_autoscaling_and_disruption_budgets_follow_the_spec():
     ("mutate", "expected"),
     [
         (per_variant_model_names, "clusters/dev (SeldonDeployment/iris): predictors serve different model names ['iris', 'iris-champion']"),
-        (set_port_env, "clusters/dev (SeldonDeployment/wine): predictor 'champion': MLSERVER_HTTP_PORT is set in the manifest, so the operator drops the container's whole env"),
-        (chart_default_metrics_port, "clusters/dev (PodMonitor/mlserver): podMetricsEndpoints[0]: port 'model-metrics' path '/metrics' misses MLServer's metrics: iris/champion serves them on 6000"),
-        (drop_gateway, "clusters/dev (SeldonDeployment/iris): the VirtualService the operator makes binds to the Istio Gateway istio-system/seldon-gateway, which nothing here creates"),
-        (gateway_selects_no_pods, "clusters/dev (SeldonDeployment/iris): Gateway istio-system/seldon-gateway selects {'istio': 'ingress'}, which no Istio gateway chart release"),
+        (
+            set_port_env,
+            "clusters/dev (SeldonDeployment/wine): predictor 'champion': MLSERVER_HTTP_PORT is set in the manifest, so the operator drops the container's whole env",
+        ),
+        (
+            chart_default_metrics_port,
+            "clusters/dev (PodMonitor/mlserver): podMetricsEndpoints[0]: port 'model-metrics' path '/metrics' misses MLServer's metrics: iris/champion serves them on 6000",
+        ),
+        (
+            drop_gateway,
+            "clusters/dev (SeldonDeployment/iris): the VirtualService the operator makes binds to the Istio Gateway istio-system/seldon-gateway, which nothing here creates",
+        ),
+        (
+            gateway_selects_no_pods,
+            "clusters/dev (SeldonDeployment/iris): Gateway istio-system/seldon-gateway selects {'istio': 'ingress'}, which no Istio gateway chart release",
+        ),
         (istio_disabled, "clusters/dev (HelmRelease/seldon-core-operator): values.istio.enabled is not true"),
         (pod_without_security_context, "clusters/dev (SeldonDeployment/wine): predictor 'champion': the pod runs as uid 8888, not the image's user 1000"),
     ],
@@ -401,7 +421,10 @@ def tls_key_in_git(repo):
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (token_optional, "clusters/prod (SeldonDeployment/iris): the ingress verifies tokens but lets POST /seldon/models/iris/v2/models/iris/infer in without one"),
+        (
+            token_optional,
+            "clusters/prod (SeldonDeployment/iris): the ingress verifies tokens but lets POST /seldon/models/iris/v2/models/iris/infer in without one",
+        ),
         (health_needs_token, "clusters/stage (SeldonDeployment/iris): the ingress refuses GET /seldon/models/iris/v2/health/ready without a token"),
         (strict_metrics_port, "clusters/prod (SeldonDeployment/iris): predictor 'champion': mTLS is STRICT on metrics port 8082, so Prometheus"),
         (tls_key_in_git, "clusters/prod (SeldonDeployment/iris): Gateway istio-system/seldon-gateway: the TLS key Secret 'ingress-cert' is in Git"),
@@ -478,8 +501,9 @@ def test_bad_auth_is_refused_naming_the_field(tmp_path, auth, message):
 
 
 def test_mlops_cluster_shows_what_the_pods_run(repo, capsys):
-    from mlops.cli import app
     from typer.testing import CliRunner
+
+    from mlops.cli import app
 
     result = CliRunner().invoke(app, ["cluster", "prod"], env={"MLOPS_PROJECT_DIR": str(repo)})
     assert result.exit_code == 0, result.output
@@ -521,7 +545,10 @@ def test_committed_repository_is_valid():
     """What CI's `mlops validate` checks: the clusters and generated manifests as committed."""
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("mlops")), "validate"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "MLOPS_PROJECT_DIR": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -541,21 +568,32 @@ PLANTED = {
     # file: (text, line, problem)
     "deploy/id_rsa": (
         "-----BEGIN " + "RSA PRIVATE KEY-----\n" + made_up(string.ascii_letters, 64) + "\n-----END " + "RSA PRIVATE KEY-----\n",
-        1, "private key block",
+        1,
+        "private key block",
     ),
     "training/upload.py": (f"import boto3\n\nKEY_ID = '{'AKIA' + made_up(UPPER_DIGITS, 16)}'\n", 3, "AWS access key id AKIA"),
     "deploy/aws.ini": (f"[default]\naws_secret_access_key = {made_up(string.ascii_letters + string.digits + '/+', 40)}\n", 2, "AWS secret access key"),
-    "docs/registry.md": (f"Use {'postgresql' + '://'}mlflow:{made_up(string.ascii_letters, 12)}@db.internal:5432/mlflow\n", 1, "password in URL for user 'mlflow'"),
+    "docs/registry.md": (
+        f"Use {'postgresql' + '://'}mlflow:{made_up(string.ascii_letters, 12)}@db.internal:5432/mlflow\n",
+        1,
+        "password in URL for user 'mlflow'",
+    ),
     "clusters/base/values.yaml": (f"grafana:\n  admin:\n    password: {made_up(string.ascii_letters, 10)}\n", 3, "literal value for 'password'"),
-    "model-settings/extra.json": (f'{{\n  "parameters": {{\n    "api_token": "{made_up(string.hexdigits, 32)}"\n  }}\n}}\n', 3, "literal value for 'api_token'"),
+    "model-settings/extra.json": (
+        f'{{\n  "parameters": {{\n    "api_token": "{made_up(string.hexdigits, 32)}"\n  }}\n}}\n',
+        3,
+        "literal value for 'api_token'",
+    ),
     "deploy/.env": (f"# local settings\nMLFLOW_TRACKING_PASSWORD={made_up(string.ascii_letters, 14)}\n", 2, "literal value for 'MLFLOW_TRACKING_PASSWORD'"),
     "deploy/pod.yaml": (
         f"spec:\n  containers:\n    - name: app\n      env:\n        - name: DB_PASSWORD\n          value: {made_up(string.ascii_letters, 10)}\n",
-        6, "literal value for 'DB_PASSWORD'",
+        6,
+        "literal value for 'DB_PASSWORD'",
     ),
     "deploy/secret.yaml": (
         f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  config: {made_up(string.ascii_letters, 10)}\n",
-        5, "plaintext Secret stringData in Git",
+        5,
+        "plaintext Secret stringData in Git",
     ),
 }
 NOT_SECRETS = {
@@ -606,10 +644,14 @@ def add_config(repo, data: dict, env: list[dict] | None = None):
     objects = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config", "namespace": "monitoring"}, "data": data}]
     if env:
         pod = {"containers": [{"name": "app", "image": "ghcr.io/example/app:1.0.0", "env": env}]}
-        objects.append({
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app", "namespace": "monitoring"},
-            "spec": {"selector": {"matchLabels": {"app": "a"}}, "template": {"metadata": {"labels": {"app": "a"}}, "spec": pod}},
-        })
+        objects.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "app", "namespace": "monitoring"},
+                "spec": {"selector": {"matchLabels": {"app": "a"}}, "template": {"metadata": {"labels": {"app": "a"}}, "spec": pod}},
+            }
+        )
     add_to_monitoring(repo, "app.yaml", yaml.safe_dump_all(objects))
 
 
@@ -628,14 +670,16 @@ def test_rendered_clusters_are_scanned_for_secrets(repo):
     )
     errors = validate(repo, CRDS)
     where = "clusters/base/monitoring (ConfigMap/app-config): "
-    assert sorted(errors) == sorted([
-        f"{where}data.DB_PASSWORD: literal value for 'DB_PASSWORD': reference a Secret instead",
-        f"{where}data.registry: password in URL for user 'ci'",
-        f"{where}data['tls.key']: private key block",
-        f"{where}data['upload.sh']: AWS access key id ASIA{key_id[4:8]}…",
-        "clusters/base/monitoring (Deployment/app): spec.template.spec.containers[0].env[0].value: "
-        "literal value for 'API_TOKEN': reference a Secret (secretKeyRef) instead",
-    ]), "\n".join(errors)
+    assert sorted(errors) == sorted(
+        [
+            f"{where}data.DB_PASSWORD: literal value for 'DB_PASSWORD': reference a Secret instead",
+            f"{where}data.registry: password in URL for user 'ci'",
+            f"{where}data['tls.key']: private key block",
+            f"{where}data['upload.sh']: AWS access key id ASIA{key_id[4:8]}…",
+            "clusters/base/monitoring (Deployment/app): spec.template.spec.containers[0].env[0].value: "
+            "literal value for 'API_TOKEN': reference a Secret (secretKeyRef) instead",
+        ]
+    ), "\n".join(errors)
 
 
 def test_image_serves_with_the_generated_server_settings():

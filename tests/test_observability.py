@@ -29,12 +29,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
-
 from conftest import REPO, Server, free_port
+
 from mlops import dashboards, seldon
-from runtimes.contract import VARIANT_WEIGHT
 from mlops.prometheus import Prometheus, rule_file, scrape_job
 from mlops.spec import load_spec
+from runtimes.contract import VARIANT_WEIGHT
 
 LOAD_S = 15  # seconds of load; with a 1 s scrape that is enough samples for every rate()
 DIRECT = "diabetes-champion"

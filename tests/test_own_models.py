@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from conftest import REPO, Server, free_port, mlops, stop_group
 from tritonclient.utils import InferenceServerException
 
-from conftest import REPO, Server, free_port, mlops, stop_group
 from mlops.processes import wait_for
 
 COLUMNS = ["radius", "texture", "perimeter", "clinic"]
@@ -41,7 +41,7 @@ SPEC_ADDITION = """
     variants:
       champion: {alias: champion, weight: 100}
 """
-PYFUNC = '''
+PYFUNC = """
 import mlflow, sys
 from pathlib import Path
 sys.path.insert(0, {code!r})
@@ -62,7 +62,7 @@ for name in ("doubler", "untrusted"):
             registered_model_name=name,
         )
     client.set_registered_model_alias(name, "champion", info.registered_model_version)
-'''
+"""
 
 
 def _registry_env(project: Path) -> dict:
@@ -86,7 +86,9 @@ def own(trained, tmp_path_factory):
     project = tmp_path_factory.mktemp("own") / "project"
     shutil.copytree(trained, project, symlinks=True)
     env = _registry_env(project)
-    job = subprocess.run([sys.executable, "-m", "training.clinic_job"], cwd=project, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    job = subprocess.run(
+        [sys.executable, "-m", "training.clinic_job"], cwd=project, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     code = project / "code"
     code.mkdir()
@@ -136,7 +138,12 @@ def test_metadata_lists_one_input_per_column(own):
             ("radius", "FP64", [-1, 1]), ("texture", "FP64", [-1, 1]), ("perimeter", "FP64", [-1, 1]), ("clinic", "BYTES", [-1, 1])
         ], name  # fmt: skip
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc}")
-    assert [(i.name, i.datatype) for i in grpc.get_model_metadata("cancer").inputs] == [("radius", "FP64"), ("texture", "FP64"), ("perimeter", "FP64"), ("clinic", "BYTES")]
+    assert [(i.name, i.datatype) for i in grpc.get_model_metadata("cancer").inputs] == [
+        ("radius", "FP64"),
+        ("texture", "FP64"),
+        ("perimeter", "FP64"),
+        ("clinic", "BYTES"),
+    ]
 
 
 def test_rest_and_grpc_answers_equal_the_models_own_predictions(own):
@@ -147,7 +154,9 @@ def test_rest_and_grpc_answers_equal_the_models_own_predictions(own):
     for name in ("cancer", "cancer-champion"):
         got = rest.infer(name, _inputs(httpclient, ROWS, binary=False), outputs=[httpclient.InferRequestedOutput("predict", binary_data=False)])
         assert got.as_numpy("predict").reshape(-1).tolist() == expected, name
-        got = grpc.infer(name, _inputs(grpcclient, ROWS), outputs=[grpcclient.InferRequestedOutput("predict"), grpcclient.InferRequestedOutput("predict_proba")])
+        got = grpc.infer(
+            name, _inputs(grpcclient, ROWS), outputs=[grpcclient.InferRequestedOutput("predict"), grpcclient.InferRequestedOutput("predict_proba")]
+        )
         assert got.as_numpy("predict").reshape(-1).tolist() == expected, name
         assert np.allclose(got.as_numpy("predict_proba"), proba), name
     assert rest.infer("cancer", _inputs(httpclient, ROWS, binary=False)).get_response()["parameters"]["variant"] == "champion"
@@ -204,9 +213,17 @@ def test_stock_mlflow_runtime_gives_identical_predictions_and_input_names(own, t
     _, srv, env = own
     settings = tmp_path / "stock"
     (settings / "cancer").mkdir(parents=True)
-    (settings / "cancer" / "model-settings.json").write_text(json.dumps({"name": "cancer", "implementation": "mlserver_mlflow.MLflowRuntime", "parameters": {"uri": "models:/cancer/1"}}))
+    (settings / "cancer" / "model-settings.json").write_text(
+        json.dumps({"name": "cancer", "implementation": "mlserver_mlflow.MLflowRuntime", "parameters": {"uri": "models:/cancer/1"}})
+    )
     ports = free_port(), free_port(), free_port()
-    stock_env = {**env, "MLSERVER_HTTP_PORT": str(ports[0]), "MLSERVER_GRPC_PORT": str(ports[1]), "MLSERVER_METRICS_PORT": str(ports[2]), "MLSERVER_METRICS_DIR": str(tmp_path / "m")}
+    stock_env = {
+        **env,
+        "MLSERVER_HTTP_PORT": str(ports[0]),
+        "MLSERVER_GRPC_PORT": str(ports[1]),
+        "MLSERVER_METRICS_PORT": str(ports[2]),
+        "MLSERVER_METRICS_DIR": str(tmp_path / "m"),
+    }
     log = open(tmp_path / "stock.log", "w+")
     mlserver = str(Path(sys.executable).with_name("mlserver"))
     proc = subprocess.Popen([mlserver, "start", str(settings)], env=stock_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

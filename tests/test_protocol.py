@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
-
 from conftest import REPO
+from tritonclient.utils import InferenceServerException
 
 MODELS = ["iris", "iris-champion", "iris-challenger", "wine", "wine-champion", "diabetes", "diabetes-champion"]
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import Server, free_port, stop_group
+
 from mlops.processes import answers, wait_until
 
 

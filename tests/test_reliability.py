@@ -24,7 +24,6 @@ import sqlite3
 import struct
 import threading
 import time
-import urllib.request
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -35,12 +34,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import Server, children, in_registry, mlops, scrape
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
-
-from conftest import Server, children, in_registry, mlops, scrape
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3], [7.7, 3.0, 6.1, 2.3], [5.9, 3.0, 5.1, 1.8]])
 ROUTED, DIRECT = "iris", "iris-champion"
@@ -428,7 +426,8 @@ def test_broken_variant_is_not_ready_and_every_other_model_keeps_serving(broken,
     changed = f"refusing a model whose files changed since registration: {truncated}: sha256 "
     assert re.search(
         rf"ERROR - model 'iris' failed to load and stays not ready: router 'iris': live variant 'challenger' \({uri}\) "
-        rf"failed to load: {re.escape(changed)}[0-9a-f]{{64}} differs from the [0-9a-f]{{64}} recorded at registration", log
+        rf"failed to load: {re.escape(changed)}[0-9a-f]{{64}} differs from the [0-9a-f]{{64}} recorded at registration",
+        log,
     ), log
     assert f"ERROR - model 'iris-challenger' failed to load and stays not ready: {changed}" in log
     samples = scrape(srv)

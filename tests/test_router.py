@@ -6,7 +6,6 @@ import json
 import math
 import threading
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-
 from conftest import Server, mlops, scrape
 
 ROW = np.array([[5.9, 3.0, 5.1, 1.8]])

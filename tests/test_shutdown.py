@@ -43,13 +43,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import Server, children
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server, children
-from runtimes.contract import DRAIN_SECONDS
 from mlops.processes import wait_for, wait_until
 from mlops.serve import LOOPBACK
+from runtimes.contract import DRAIN_SECONDS
 
 MODEL = "iris"
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float64)

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port, in_registry, mlops, tree_bytes
+
 from mlops.spec import SpecError, load_spec
 
 GENERATED = ("model-settings", "seldon")
@@ -192,7 +192,10 @@ def test_fallback_is_written_into_the_router_settings_only_where_the_spec_sets_i
 
 
 TRUST_CASES = {
-    "trust not a boolean": ("    trust: {allow_pickle: maybe}\n", r"deployments.yaml: models.wine.trust.allow_pickle: Input should be a valid boolean.*\(got 'maybe'\)"),
+    "trust not a boolean": (
+        "    trust: {allow_pickle: maybe}\n",
+        r"deployments.yaml: models.wine.trust.allow_pickle: Input should be a valid boolean.*\(got 'maybe'\)",
+    ),
     "trust of an unknown kind": ("    trust: {pickles: true}\n", r"deployments.yaml: models.wine.trust.pickles: unknown field"),
     "skops type that is not a type name": (
         "    trust: {skops_trusted_types: [rm -rf]}\n",
@@ -229,5 +232,7 @@ def test_variants_with_different_inputs_are_refused_naming_both(project):
     (project / "deployments.yaml").write_text(BASE.replace("challenger: {alias: challenger, weight: 20}", f"challenger: {{version: {version}, weight: 20}}"))
     proc = mlops(project, "sync")
     assert proc.returncode != 0
-    assert re.search(rf"deployments.yaml: models.iris.variants: variants take different inputs.*challenger \(version {version}\) takes .*-1, 3", proc.stderr), proc.stderr
+    assert re.search(rf"deployments.yaml: models.iris.variants: variants take different inputs.*challenger \(version {version}\) takes .*-1, 3", proc.stderr), (
+        proc.stderr
+    )
     assert generated(project) == before

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import MLOPS, free_port, mlops, new_project, stop_group
 from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModelAlias
 
-from conftest import MLOPS, free_port, mlops, new_project, stop_group
 from training.catalog import JOBS
 from training.train import ALIASES
 
@@ -170,8 +170,12 @@ def train_concurrently(project: Path, jobs: int, env: dict[str, str], while_runn
         with open(out, "w") as o, open(err, "w") as e:
             procs.append(
                 subprocess.Popen(
-                    [MLOPS, "train", "-m", "iris"], cwd=project, env=clean_env(MLOPS_PROJECT_DIR=str(project), **env),
-                    stdin=subprocess.DEVNULL, stdout=o, stderr=e,
+                    [MLOPS, "train", "-m", "iris"],
+                    cwd=project,
+                    env=clean_env(MLOPS_PROJECT_DIR=str(project), **env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=o,
+                    stderr=e,
                 )  # fmt: skip
             )
     try:
@@ -183,7 +187,7 @@ def train_concurrently(project: Path, jobs: int, env: dict[str, str], while_runn
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    return [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(procs, logs)]
+    return [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(procs, logs, strict=True)]
 
 
 ALIAS_TABLE = SqlRegisteredModelAlias.__tablename__  # its unique key is what two jobs' alias writes race on
@@ -222,13 +226,13 @@ def alias_writes_held(team: Team):
     watcher = _admin_connection(team.backend, team.database)
     if team.backend == "postgres":
         hold, release, undo = [f"LOCK TABLE {ALIAS_TABLE} IN SHARE MODE"], holder.commit, []
-        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
-                   f"AND query LIKE 'INSERT INTO {ALIAS_TABLE}%'")
+        waiting = (
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO {ALIAS_TABLE}%'"
+        )
     else:
         lock = f"{team.database}.{ALIAS_TABLE}"  # named locks are server-wide
         hold = [
-            f"CREATE TRIGGER hold_alias_inserts BEFORE INSERT ON {ALIAS_TABLE} FOR EACH ROW "
-            f"BEGIN DO GET_LOCK('{lock}', 300); DO RELEASE_LOCK('{lock}'); END",
+            f"CREATE TRIGGER hold_alias_inserts BEFORE INSERT ON {ALIAS_TABLE} FOR EACH ROW BEGIN DO GET_LOCK('{lock}', 300); DO RELEASE_LOCK('{lock}'); END",
             f"DO GET_LOCK('{lock}', 0)",
         ]
         release, undo = lambda: holder.cursor().execute(f"DO RELEASE_LOCK('{lock}')"), ["DROP TRIGGER IF EXISTS hold_alias_inserts"]
@@ -317,9 +321,7 @@ def test_sync_and_fetch_through_the_team_registry(team, alias_rounds):
         "print(load_estimator(path).predict([[5.1, 3.5, 1.4, 0.2]]).tolist())"
     )
     uri = f"models:/iris/{aliases['champion']}"
-    fetched = subprocess.run(
-        [sys.executable, "-c", code, uri, team.url], env=clean_env(**team.login), capture_output=True, text=True, timeout=120
-    )
+    fetched = subprocess.run([sys.executable, "-c", code, uri, team.url], env=clean_env(**team.login), capture_output=True, text=True, timeout=120)
     assert fetched.returncode == 0, fetched.stderr
     path, prediction = fetched.stdout.strip().splitlines()[-2:]
     assert not Path(path).is_relative_to(team.artifacts), "read from the server's disk, not through the proxy"

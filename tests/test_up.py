@@ -30,9 +30,14 @@ def test_up_on_an_empty_embedded_registry_serves_and_prints_a_working_request(tm
     log = open(tmp_path / "up.log", "w+")
     proc = subprocess.Popen(
         [MLOPS, "up", "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--with-prometheus", "--prometheus-port", ports[3]],
-        cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=project,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
+
         def printed() -> str:
             log.seek(0)
             return log.read()

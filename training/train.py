@@ -112,9 +112,7 @@ def train_model(registry, model_name: str, on_step=lambda msg: None) -> list[Tra
     experiment_id = _experiment_id(client, model_name, registry.artifact_location)
     X, y = job.load(return_X_y=True)
     X = np.asarray(X, dtype=np.float64)
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.25, random_state=42, stratify=y if job.task == "classification" else None
-    )
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=42, stratify=y if job.task == "classification" else None)
     requirements = [f"{p}=={pkg_version(p)}" for p in ("mlflow", "scikit-learn", "skops", "numpy")]
 
     results: list[tuple[str, str, float]] = []
@@ -153,4 +151,3 @@ def train_model(registry, model_name: str, on_step=lambda msg: None) -> list[Tra
             set_alias(client, model_name, alias, version)
         out.append(TrainedVersion(model_name, candidate, version, score, alias))
     return out
-

@@ -49,7 +49,7 @@ def test_concurrent_requests_share_one_call_and_get_their_own_rows(iris):
     chunks = [X[i : i + n] for i, n in ((0, 1), (50, 3), (100, 2), (7, 1))]
     answers = run(Coalescer(est), [(("predict",), c) for c in chunks])
     assert est.calls == [7]  # one call for all seven rows
-    for chunk, (labels,) in zip(chunks, answers):
+    for chunk, (labels,) in zip(chunks, answers, strict=True):
         np.testing.assert_array_equal(labels, model.predict(chunk))
 
 
@@ -105,9 +105,8 @@ def test_a_lone_request_is_answered_without_waiting_for_company(iris):
 
 def test_column_requests_are_stacked_into_one_data_frame():
     """A DataFrame model (clinic example): per-column arrays are stacked, then one DataFrame per call."""
-    from training.clinic_job import build_pipeline, load_frame
-
     from runtimes.signature import Column, ColumnDecoder
+    from training.clinic_job import build_pipeline, load_frame
 
     X, y = load_frame()
     model = build_pipeline().fit(X, y)
@@ -123,7 +122,7 @@ def test_column_requests_are_stacked_into_one_data_frame():
     requests = [(("predict",), {c: chunk[c].to_numpy() for c in chunk.columns}) for chunk in chunks]
     answers = run(Coalescer(Recording(), prepare=decoder.frame), requests)
     assert frames == [6]
-    for chunk, answer in zip(chunks, answers):
+    for chunk, answer in zip(chunks, answers, strict=True):
         assert answer[0].tolist() == model.predict(chunk).tolist()
 
 

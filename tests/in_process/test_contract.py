@@ -11,8 +11,8 @@ from mlserver.settings import ModelParameters, ModelSettings
 from mlops.registry import ResolvedVariant
 from mlops.spec import Trust
 from mlops.sync import router_settings, variant_settings
-from runtimes.contract import RouterExtra, RuntimeExtra
 from runtimes.artifacts import ModelLoadError
+from runtimes.contract import RouterExtra, RuntimeExtra
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 from runtimes.router import RouterRuntime
 
@@ -34,8 +34,16 @@ def test_what_sync_writes_reads_back_unchanged():
     ("runtime", "extra", "message"),
     [
         (RouterRuntime, {"variants": []}, "router 'iris': parameters.extra.variants: List should have at least 1 item"),
-        (RouterRuntime, {"variants": [{"name": "a", "uri": "models:/iris/1", "version": "1", "weight": 120}]}, "parameters.extra.variants.0.weight: Input should be less than or equal to 100"),
-        (RouterRuntime, {"variants": [{"name": "a", "uri": "models:/iris/1", "version": "1", "weight": 100}], "fallbak": True}, "parameters.extra.fallbak: Extra inputs are not permitted"),
+        (
+            RouterRuntime,
+            {"variants": [{"name": "a", "uri": "models:/iris/1", "version": "1", "weight": 120}]},
+            "parameters.extra.variants.0.weight: Input should be less than or equal to 100",
+        ),
+        (
+            RouterRuntime,
+            {"variants": [{"name": "a", "uri": "models:/iris/1", "version": "1", "weight": 100}], "fallbak": True},
+            "parameters.extra.fallbak: Extra inputs are not permitted",
+        ),
         (RegistrySKLearnRuntime, {"allow_pickle": "perhaps"}, "model 'iris': parameters.extra.allow_pickle: Input should be a valid boolean"),
     ],
 )

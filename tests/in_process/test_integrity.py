@@ -9,12 +9,11 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import pytest
-
 from conftest import in_registry, mlops, new_project
-from runtimes.integrity import TAG
-from runtimes.artifacts import ModelLoadError
-
 from test_runtime_safety import load_runtime
+
+from runtimes.artifacts import ModelLoadError
+from runtimes.integrity import TAG
 
 SPEC = "models:\n  iris:\n    variants:\n      champion: {alias: champion, weight: 100}\n"
 

@@ -7,10 +7,10 @@ import logging
 from collections import Counter
 
 import pytest
+from conftest import in_registry
 from mlserver.settings import ModelParameters, ModelSettings
 from prometheus_client import REGISTRY
 
-from conftest import in_registry
 from runtimes.artifacts import ModelLoadError
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 from runtimes.router import BUCKETS, RouterRuntime

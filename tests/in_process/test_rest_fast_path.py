@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import in_registry
 from mlserver.errors import InferenceError
 from mlserver.handlers import DataPlane, ModelRepositoryHandlers
 from mlserver.model import MLModel
@@ -17,7 +18,6 @@ from mlserver.settings import ModelParameters, ModelSettings, Settings
 from mlserver.types import InferenceResponse, Parameters, ResponseOutput
 from prometheus_client import REGISTRY
 
-from conftest import in_registry
 from runtimes import rest
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 
@@ -45,12 +45,26 @@ class Echo(MLModel):
 def call(app, path, body: bytes, headers=JSON, method="POST", raw_body=False):
     """One ASGI request, the way uvicorn makes it: (status, headers without date/ids, JSON or text body)."""
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"test"), *headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
     }
-    sent, chunks = [], [{"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
-                        {"type": "http.request", "body": body[len(body) // 2 :], "more_body": False}]
+    sent, chunks = (
+        [],
+        [
+            {"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+            {"type": "http.request", "body": body[len(body) // 2 :], "more_body": False},
+        ],
+    )
 
     async def receive():
         return chunks.pop(0) if chunks else await asyncio.sleep(3600)
@@ -87,9 +101,7 @@ def apps(trained):
 
     async def load():
         await registry.load(ModelSettings(name="echo", implementation=Echo))
-        await registry.load(ModelSettings(
-            name="iris", implementation=RegistrySKLearnRuntime, parameters=ModelParameters(uri=uri, version="1")
-        ))
+        await registry.load(ModelSettings(name="iris", implementation=RegistrySKLearnRuntime, parameters=ModelParameters(uri=uri, version="1")))
 
     asyncio.run(load())
     rest.apply()
@@ -126,8 +138,10 @@ CASES = {
 def rest_requests() -> dict[tuple, float]:
     return {
         tuple(sorted(s.labels.items())): s.value
-        for metric in REGISTRY.collect() if metric.name == "rest_server_requests"
-        for s in metric.samples if s.name == "rest_server_requests_total"
+        for metric in REGISTRY.collect()
+        if metric.name == "rest_server_requests"
+        for s in metric.samples
+        if s.name == "rest_server_requests_total"
     }
 
 
@@ -216,7 +230,11 @@ def test_binary_tensor_data_in_and_out(apps):
 
 @pytest.mark.parametrize(
     ("cut", "message"),
-    [(lambda b, n: (b[:-3], n), "does not fit"), (lambda b, n: (b + b"xx", n), "2 bytes after the last binary input"), (lambda b, n: (b, b"9999"), "the body has")],
+    [
+        (lambda b, n: (b[:-3], n), "does not fit"),
+        (lambda b, n: (b + b"xx", n), "2 bytes after the last binary input"),
+        (lambda b, n: (b, b"9999"), "the body has"),
+    ],
     ids=["short", "trailing", "header past the end"],
 )
 def test_binary_data_that_does_not_add_up_is_a_400_saying_where(apps, cut, message):

@@ -9,12 +9,12 @@ from collections import Counter
 import joblib
 import numpy as np
 import pytest
+from conftest import in_registry
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, Parameters, RequestInput, RequestOutput
 from mlserver_mlflow import MLflowRuntime
 from mlserver_sklearn import SKLearnModel
 
-from conftest import in_registry
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 from runtimes.router import BUCKETS, RouterRuntime, Variant, routing_table
 from training.catalog import JOBS

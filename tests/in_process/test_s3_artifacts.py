@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, in_registry
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, RequestInput, RequestOutput
 
-from conftest import free_port, in_registry
 from mlops.processes import wait_for
 from runtimes.artifacts import ModelLoadError
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
@@ -31,7 +31,8 @@ def s3(monkeypatch):
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:

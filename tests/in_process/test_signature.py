@@ -20,7 +20,7 @@ GOOD = {"a": ("a", "FP64", [1], [1.0]), "n": ("n", "INT64", [1], [1]), "flag": (
 
 
 def request(*inputs) -> InferenceRequest:
-    return InferenceRequest.model_validate({"inputs": [dict(zip(("name", "datatype", "shape", "data"), i)) for i in inputs]})
+    return InferenceRequest.model_validate({"inputs": [dict(zip(("name", "datatype", "shape", "data"), i, strict=True)) for i in inputs]})
 
 
 @pytest.fixture
