@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from runtimes.contract import GRPC_PORT, HTTP_PORT, LOOPBACK, METRICS_PORT, MODEL_SETTINGS_DIR, SPEC_FILE
+
 from .registry import RegistryError, default_registry, embedded_write_lock
 from .spec import SpecError
 
@@ -39,7 +41,7 @@ def project_root() -> Path:
         return Path(os.environ["MLOPS_PROJECT_DIR"]).resolve()
     here = Path.cwd().resolve()
     for d in (here, *here.parents):
-        if (d / "deployments.yaml").is_file():
+        if (d / SPEC_FILE).is_file():
             return d
     return here
 
@@ -142,7 +144,7 @@ def sync(
 
 
 @app.command()
-def serve(http_port: HttpPort = 8080, grpc_port: GrpcPort = 8081, metrics_port: MetricsPort = 8082, host: Host = "127.0.0.1") -> None:
+def serve(http_port: HttpPort = HTTP_PORT, grpc_port: GrpcPort = GRPC_PORT, metrics_port: MetricsPort = METRICS_PORT, host: Host = LOOPBACK) -> None:
     """Start MLServer on model-settings/ in the foreground: REST, gRPC and metrics, every model at once."""
     _serve(http_port, grpc_port, metrics_port, host)
 
@@ -153,7 +155,7 @@ def _serve(http_port: int, grpc_port: int, metrics_port: int, host: str, prometh
     from .serve import serve as run
 
     root = project_root()
-    settings = root / "model-settings"
+    settings = root / MODEL_SETTINGS_DIR
     if not (settings / "settings.json").is_file():
         fail(f"{settings} has no generated settings; run `mlops sync` first")
     try:
@@ -165,10 +167,10 @@ def _serve(http_port: int, grpc_port: int, metrics_port: int, host: str, prometh
 
 @app.command()
 def up(
-    http_port: HttpPort = 8080,
-    grpc_port: GrpcPort = 8081,
-    metrics_port: MetricsPort = 8082,
-    host: Host = "127.0.0.1",
+    http_port: HttpPort = HTTP_PORT,
+    grpc_port: GrpcPort = GRPC_PORT,
+    metrics_port: MetricsPort = METRICS_PORT,
+    host: Host = LOOPBACK,
     with_prometheus: Annotated[
         bool,
         typer.Option("--with-prometheus", help="Also run Prometheus (Debian's `prometheus`) scraping the server, with the alert rules loaded."),
@@ -188,7 +190,7 @@ def up(
             fail(str(exc))
     root = project_root()
     try:
-        spec = load_spec(root / "deployments.yaml")
+        spec = load_spec(root / SPEC_FILE)
     except SpecError as exc:
         fail(str(exc))
     registry = default_registry(root)
@@ -215,7 +217,7 @@ def registry_server(
         str | None,
         typer.Option(envvar="MLOPS_ARTIFACTS_DESTINATION", help="Folder or s3://bucket/path (default: .mlops/registry-server/artifacts)."),
     ] = None,
-    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback requires auth.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback requires auth.")] = LOOPBACK,
     port: Annotated[int, typer.Option(help="Port of the REST API and UI.")] = 5000,
     workers: Annotated[int, typer.Option(help="Server worker processes.")] = 4,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="MLflow basic auth; --no-auth only on loopback.")] = True,
@@ -322,7 +324,12 @@ def bench(
     """
     from rich.table import Table
 
-    from . import bench as b
+    try:
+        import matplotlib  # noqa: F401  (the chart; what the bench extra adds)
+
+        from bench import run as b
+    except ImportError as exc:
+        fail(f"mlops bench needs the bench extra ({exc.name} is missing): pip install 'mlops-platform[bench]', or make bench")
 
     try:
         conns = [int(c) for c in connections.split(",") if c.strip()]

@@ -50,7 +50,7 @@ from grafana_foundation_sdk.models import dashboard as dm
 
 from runtimes import contract as c
 
-from .sync import diff_tree
+from .generated import diff_tree, write_files
 
 MONITORING = Path("clusters/base/monitoring")
 DASHBOARDS_DIR = MONITORING / "dashboards"
@@ -468,15 +468,6 @@ def write(root: Path, check: bool = False) -> Result:
         changed=sorted(rel for rel in current.keys() | wanted.keys() if current.get(rel) != wanted.get(rel)),
         diff=diff_tree("", current, wanted),
     )
-    if check:
-        return result
-    for rel in result.changed:
-        path = root / rel
-        if rel not in wanted:
-            path.unlink()
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(wanted[rel])
-        tmp.replace(path)
+    if not check:
+        write_files(root, {rel: wanted.get(rel) for rel in result.changed})
     return result

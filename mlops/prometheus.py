@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from runtimes.contract import LOOPBACK
+
 from .processes import stop_process, wait_for
 
 MISSING = "prometheus not found on PATH; install it with `apt-get install prometheus`"
@@ -100,7 +102,7 @@ class Prometheus:
         self.log.close()
 
 
-def beside_server(workdir: Path, port: int, metrics_port: int, metrics_host: str = "127.0.0.1") -> Prometheus:
+def beside_server(workdir: Path, port: int, metrics_port: int, metrics_host: str = LOOPBACK) -> Prometheus:
     """Scrape the local MLServer's metrics port every 5 s and evaluate the serving alerts, ready to query."""
     from .dashboards import prometheus_rule
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from runtimes.contract import STATE_DIR
+
 SERVER_DIR = "registry-server"  # under .mlops/: default artifacts and auth database
 PASSWORD_ENV = "MLOPS_REGISTRY_ADMIN_PASSWORD"
 # mlflow.server.auth.permissions, without importing the whole server app to check an option.
@@ -166,7 +168,7 @@ def command(opts: Options, root: Path, echo: Callable[[str], None] = print) -> t
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     password = _admin_password() if opts.auth else None
     backend, shown = check_backend(opts.backend_store_uri)
-    state = root / ".mlops" / SERVER_DIR
+    state = root / STATE_DIR / SERVER_DIR
     state.mkdir(parents=True, exist_ok=True)
     artifacts = _artifacts(opts.artifacts_destination, state / "artifacts")
     argv = [

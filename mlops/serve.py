@@ -17,12 +17,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from runtimes.contract import GRPC_PORT, HTTP_PORT, METRICS_PORT, ROUTER, RouterExtra
+from runtimes.contract import GRPC_PORT, HTTP_PORT, LOOPBACK, METRICS_PORT, ROUTER, RouterExtra
 
 from .processes import wait_for
 from .registry import Registry
 
-LOOPBACK = "127.0.0.1"
 EVERY_INTERFACE = ("0.0.0.0", "::")
 
 

@@ -8,16 +8,14 @@ sorted keys, no timestamps, no absolute paths of this machine.
 
 from __future__ import annotations
 
-import difflib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtimes.contract import MODEL_SETTINGS_DIR, ROUTER, RUNTIME, SELDON_DIR, SPEC_FILE, RouterExtra, RuntimeExtra, VariantRoute
 
 from . import seldon
+from .generated import diff_tree, read_tree, write_folders
 from .registry import Registry, ResolvedVariant, resolve
 from .spec import DeploymentSpec, Trust, load_spec
 
@@ -91,50 +89,6 @@ def render_all(spec: DeploymentSpec, resolved: dict[str, list[ResolvedVariant]])
     }
 
 
-def read_tree(path: Path) -> dict[str, str]:
-    if not path.is_dir():
-        return {}
-    return {p.relative_to(path).as_posix(): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def diff_tree(prefix: str, current: dict[str, str], wanted: dict[str, str]) -> list[str]:
-    """Unified diff of two {relative path: text} trees, paths shown under `prefix`."""
-    lines: list[str] = []
-    for rel in sorted(set(current) | set(wanted)):
-        a, b = current.get(rel), wanted.get(rel)
-        if a == b:
-            continue
-        lines += difflib.unified_diff(
-            (a or "").splitlines(keepends=True),
-            (b or "").splitlines(keepends=True),
-            fromfile=f"a/{prefix}{rel}" if a is not None else "/dev/null",
-            tofile=f"b/{prefix}{rel}" if b is not None else "/dev/null",
-        )
-    return lines
-
-
-def _stage(root: Path, name: str, files: dict[str, str]) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.new.", dir=root))
-    try:
-        for rel, text in files.items():
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(text)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def _swap_in(root: Path, name: str, staged: Path) -> None:
-    target = root / name
-    old = root / f"{staged.name.replace('.new.', '.old.')}"
-    if target.exists():
-        target.rename(old)
-    staged.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @dataclass(frozen=True)
 class SyncResult:
     changed: list[str]  # generated folders that differ from what spec and registry give
@@ -168,14 +122,5 @@ def sync(root: Path, registry: Registry, check: bool = False) -> SyncResult:
     )
     if check or not changed:
         return result
-    staged = {}
-    try:
-        for name in changed:  # every folder is fully written before any is swapped in
-            staged[name] = _stage(root, name, wanted[name])
-    except BaseException:
-        for tmp in staged.values():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for name, tmp in staged.items():
-        _swap_in(root, name, tmp)
+    write_folders(root, {name: wanted[name] for name in changed})
     return result

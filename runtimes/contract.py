@@ -22,6 +22,7 @@ ROUTER = "runtimes.router.RouterRuntime"
 
 # MLServer's default ports, which the image, the pods and `mlops serve` all use.
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8080, 8081, 8082
+LOOPBACK = "127.0.0.1"  # what local servers bind unless told otherwise
 
 EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a single model's parameters.extra from it, as JSON
 

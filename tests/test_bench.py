@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import MLOPS, mlops
 
-from mlops.bench import SOAK_ERRORS, SOAK_MEMORY, SOAK_THROUGHPUT
+from bench.run import SOAK_ERRORS, SOAK_MEMORY, SOAK_THROUGHPUT
 
 
 def test_bench_measures_every_system_and_writes_its_report(tmp_path):

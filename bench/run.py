@@ -1,4 +1,4 @@
-"""`mlops bench`: the served system side by side with the alternatives, and how cost grows.
+"""`mlops bench` (`bench/run.py`, the `bench` extra): the served system side by side with the alternatives, and how cost grows.
 
 Load comes from compiled generators (wrk for REST, h2load for gRPC), never a
 Python client competing for the cores. Systems are measured in turn, rotating
@@ -24,11 +24,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlops.processes import stop_process, wait_for
+from mlops.registry import Registry, default_registry
+from mlops.serve import Ports, mlserver_command, server_env
 from runtimes.metrics import proc_stat
-
-from .processes import stop_process, wait_for
-from .registry import Registry, default_registry
-from .serve import Ports, mlserver_command, server_env
 
 PAYLOAD = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
 # The column-based model a team's own job logs (training/clinic_job.py): one input per DataFrame column.
@@ -362,7 +361,7 @@ def prepare(workdir: Path, echo) -> tuple[Path, Registry, str, Path]:
     registry = default_registry(project)
     job = subprocess.run(
         [sys.executable, "-m", "training.clinic_job", "--model-name", COLUMNS_MODEL], cwd=project, capture_output=True, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry.tracking_uri},
     )  # fmt: skip
     if job.returncode:
         raise BenchError(f"training.clinic_job failed:\n{job.stderr[-3000:]}")
@@ -394,8 +393,6 @@ def start_systems(
             str(mono_port),
             "--log-level",
             "warning",
-            "--app-dir",
-            str(Path(__file__).resolve().parents[1]),
         ],
         {**os.environ, "MODEL_DIR": str(model_dir)},
         mono_port,
