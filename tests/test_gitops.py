@@ -317,24 +317,6 @@ def hpa_without_cpu_request(repo):
     edit(repo / "seldon/overlays/dev/wine.yaml", "requests: {cpu: 250m, memory: 512Mi}", "requests: {memory: 512Mi}")
 
 
-@pytest.mark.parametrize(
-    ("mutate", "expected"),
-    [
-        (second_pdb, "clusters/prod (SeldonDeployment/iris): pdbSpec on predictors champion, challenger: each PDB the operator makes selects every pod"),
-        (short_grace, "clusters/dev (SeldonDeployment/wine): predictor 'champion': terminationGracePeriodSeconds 20 leaves 10 s after the preStop sleep"),
-        (
-            hpa_without_cpu_request,
-            "clusters/dev (SeldonDeployment/wine): predictor 'champion': hpaSpec scales on CPU utilization, which needs resources.requests.cpu",
-        ),
-    ],
-    ids=lambda v: getattr(v, "__name__", ""),
-)
-def test_each_rollout_rule_names_environment_object_and_cause(repo, mutate, expected):
-    mutate(repo)
-    errors = validate(repo, CRDS)
-    assert any(e.startswith(expected) for e in errors), "\n".join(errors)
-
-
 def test_autoscaling_and_disruption_budgets_follow_the_spec():
     data = copy.deepcopy(SPEC)
     data["environments"]["stage"] = {"autoscale": {"min_replicas": 2, "max_replicas": 5, "cpu_percent": 60}}
@@ -428,10 +410,16 @@ def tls_key_in_git(repo):
         (health_needs_token, "clusters/stage (SeldonDeployment/iris): the ingress refuses GET /seldon/models/iris/v2/health/ready without a token"),
         (strict_metrics_port, "clusters/prod (SeldonDeployment/iris): predictor 'champion': mTLS is STRICT on metrics port 8082, so Prometheus"),
         (tls_key_in_git, "clusters/prod (SeldonDeployment/iris): Gateway istio-system/seldon-gateway: the TLS key Secret 'ingress-cert' is in Git"),
+        (second_pdb, "clusters/prod (SeldonDeployment/iris): pdbSpec on predictors champion, challenger: each PDB the operator makes selects every pod"),
+        (short_grace, "clusters/dev (SeldonDeployment/wine): predictor 'champion': terminationGracePeriodSeconds 20 leaves 10 s after the preStop sleep"),
+        (
+            hpa_without_cpu_request,
+            "clusters/dev (SeldonDeployment/wine): predictor 'champion': hpaSpec scales on CPU utilization, which needs resources.requests.cpu",
+        ),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )
-def test_each_access_rule_names_environment_object_and_cause(repo, mutate, expected):
+def test_each_rollout_and_access_rule_names_environment_object_and_cause(repo, mutate, expected):
     mutate(repo)
     errors = validate(repo, CRDS)
     assert any(e.startswith(expected) for e in errors), "\n".join(errors)
