@@ -11,7 +11,7 @@ Kustomizations point at (`spec.path`, relative to the project root), and checks 
 - cluster behaviour, per environment (mlops/cluster.py): what Seldon's operator and executor and
   Istio make of it: every predictor serves the name clients call, no env the operator would drop,
   the PodMonitor scrapes where MLServer serves metrics, a Gateway that the routes bind to;
-- secrets (mlops/secrets.py): no password, key or token in plaintext in any rendered object and,
+- secrets (mlops/plaintext.py): no password, key or token in plaintext in any rendered object and,
   from `mlops validate`, in any file of the repository.
 
 Each error reads `<rendered path> (<Kind>/<name>): <field>: <problem>`.
@@ -35,7 +35,7 @@ import yaml
 
 from runtimes.contract import SELDON_DIR, SPEC_FILE
 
-from . import cluster, secrets
+from . import cluster, plaintext
 from .spec import NO_AUTH, PRODUCTION, DeploymentSpec, SpecError, load_spec
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
@@ -147,7 +147,7 @@ def _schema_errors(data: dict, crds: dict, crds_dir: Path):
 
 
 def _containers(data: dict):
-    for path, node in secrets.walk(data):
+    for path, node in plaintext.walk(data):
         if len(path) >= 2 and path[-2] in ("containers", "initContainers", "ephemeralContainers") and isinstance(node, dict):
             yield path, node
 
@@ -222,7 +222,7 @@ def _check_dashboard(data: dict):
 
 
 def _check_plaintext_secrets(data: dict):
-    for path, problem in secrets.check_object(data):
+    for path, problem in plaintext.check_object(data):
         yield _field(path), problem
 
 
@@ -373,8 +373,8 @@ def main(root: Path, crds_dir: Path | None = None) -> int:
 
     console = Console(soft_wrap=True, highlight=False)
     errors, objects = _run(root, crds_dir)
-    files = secrets.repository_files(root.resolve())
-    errors += secrets.scan_repository(root.resolve(), files)
+    files = plaintext.repository_files(root.resolve())
+    errors += plaintext.scan_repository(root.resolve(), files)
     for line in errors:
         console.print(f"✗ {line}", style="red", markup=False)
     paths = len({o.source for o in objects})

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import python_output
 
-from mlops import cluster, secrets, seldon
+from mlops import cluster, plaintext, seldon
 from mlops.registry import ResolvedVariant
 from mlops.spec import DeploymentSpec
 from mlops.validate import KUBECTL_MISSING, default_crds_dir, validate
@@ -605,15 +605,15 @@ def git_repo(path: Path, files: dict[str, str]) -> Path:
 
 
 def test_committed_repository_holds_no_plaintext_secret():
-    files = secrets.repository_files(ROOT)
+    files = plaintext.repository_files(ROOT)
     assert {"README.md", "deployments.yaml", "model-settings/settings.json", "clusters/base/infrastructure/kube-prometheus-stack.yaml"} <= set(files)
-    assert secrets.scan_repository(ROOT) == []
+    assert plaintext.scan_repository(ROOT) == []
 
 
 def test_each_planted_secret_is_reported_with_file_and_line(tmp_path):
     repo = git_repo(tmp_path, {**{rel: text for rel, (text, _, _) in PLANTED.items()}, **NOT_SECRETS, ".gitignore": "local.env\n"})
     (repo / "local.env").write_text(f"TOKEN={made_up(string.ascii_letters, 20)}\n")  # ignored by git, as .venv is
-    errors = secrets.scan_repository(repo)
+    errors = plaintext.scan_repository(repo)
     for rel, (_, line, problem) in PLANTED.items():
         assert any(e.startswith(f"{rel}:{line}: {problem}") for e in errors), f"{rel}: {problem} not in\n" + "\n".join(errors)
     assert len(errors) == len(PLANTED), "\n".join(errors)
