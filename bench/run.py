@@ -24,11 +24,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib  # the bench extra: `mlops bench` without it says so before any work
+
 from mlops.processes import stop_process, wait_for
 from mlops.registry import Registry, default_registry
 from mlops.serve import Ports, mlserver_command, server_env
 from runtimes.metrics import proc_stat
 
+matplotlib.use("Agg")  # files, no display
 PAYLOAD = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
 # The column-based model a team's own job logs (training/clinic_job.py): one input per DataFrame column.
 COLUMNS_MODEL = "cancer"
@@ -624,9 +627,6 @@ def verdicts(load: dict, scale: dict | None, soak: dict | None = None) -> dict:
 
 
 def chart(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     load = results["load"]

@@ -325,8 +325,6 @@ def bench(
     from rich.table import Table
 
     try:
-        import matplotlib  # noqa: F401  (the chart; what the bench extra adds)
-
         from bench import run as b
     except ImportError as exc:
         fail(f"mlops bench needs the bench extra ({exc.name} is missing): pip install 'mlops-platform[bench]', or make bench")

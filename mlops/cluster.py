@@ -317,7 +317,7 @@ def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
         return [f"the VirtualService the operator makes binds to the Istio Gateway {ns}/{name}, which nothing here creates: no request reaches the model"]
     gw = gateways[0].get("spec") or {}
     selector = gw.get("selector") or {}
-    pods = gateway_pod_labels(objects)
+    pods = [labels for _, labels in gateway_pods(objects)]
     problems = []
     if not any(selector and all(lbl.get(k) == v for k, v in selector.items()) for lbl in pods):
         problems.append(f"Gateway {ns}/{name} selects {selector}, which no Istio gateway chart release here labels its pods with ({pods or 'none'})")
@@ -338,14 +338,15 @@ def gateway_problems(objects: list[dict], dep: Deployment) -> list[str]:
     return problems
 
 
-def gateway_pod_labels(objects: list[dict]) -> list[dict[str, str]]:
-    """The labels of the pods each Istio gateway chart release runs."""
+def gateway_pods(objects: list[dict]) -> list[tuple[str, dict[str, str]]]:
+    """(namespace, labels) of the pods each Istio gateway chart release runs."""
     pods = []
     for release in (o for o in objects if o.get("kind") == "HelmRelease" and _chart_name(o) == ISTIO_GATEWAY_CHART):
         # istio 1.26.8 manifests/charts/gateway/templates/_helpers.tpl 1-7, 18-21: labels app=<name>, istio=<name minus "istio-">
         rel = release.get("spec") or {}
         gname = (rel.get("values") or {}).get("name") or rel.get("releaseName") or release["metadata"]["name"]
-        pods.append({"app": gname, "istio": gname.removeprefix("istio-"), **((rel.get("values") or {}).get("labels") or {})})
+        labels = {"app": gname, "istio": gname.removeprefix("istio-"), **((rel.get("values") or {}).get("labels") or {})}
+        pods.append((rel.get("targetNamespace") or release["metadata"].get("namespace", ""), labels))
     return pods
 
 
@@ -438,9 +439,9 @@ class Access:
 
     @classmethod
     def ingress(cls, objects: list[dict]) -> Access:
-        """At the ingress gateway pods (the first gateway chart release's labels)."""
-        pods = gateway_pod_labels(objects)
-        return cls.of(objects, ROOT_NAMESPACE, pods[0] if pods else {})
+        """At the ingress gateway pods (the first gateway chart release's)."""
+        pods = gateway_pods(objects)
+        return cls.of(objects, *(pods[0] if pods else (ROOT_NAMESPACE, {})))
 
     def allows(self, req: Request) -> bool:
         """Envoy's RBAC filters as Istio builds them (pilot/pkg/security/authz/builder/builder.go

@@ -61,6 +61,7 @@ METRICS_PORT_NAME = "model-metrics"
 PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, METRICS_PORT_NAME: METRICS_PORT}
 IMAGE_UID = 1000  # the Dockerfile's USER; set on the pod, or the operator runs it as the chart's defaultUserID (8888)
 ACCESS_FILE = "access.yaml"
+MANAGED = {"app.kubernetes.io/managed-by": "mlops"}  # on every object sync writes
 # The Istio Gateway the operator's VirtualServices bind to (the chart's istio.gateway, set in
 # clusters/base/infrastructure/seldon-core.yaml) and the labels of the ingress gateway pods the
 # istio-ingressgateway HelmRelease runs.
@@ -132,7 +133,7 @@ def _deployment(model: str, variants: list[ResolvedVariant], image: str, trust: 
     return {
         "apiVersion": "machinelearning.seldon.io/v1",
         "kind": "SeldonDeployment",
-        "metadata": {"name": model, "labels": {"app.kubernetes.io/name": model, "app.kubernetes.io/managed-by": "mlops"}},
+        "metadata": {"name": model, "labels": {"app.kubernetes.io/name": model, **MANAGED}},
         "spec": {"protocol": "v2", "predictors": [_predictor(v, image, trust) for v in variants]},
     }
 
@@ -166,7 +167,7 @@ def _weights_rule(resolved: dict[str, list[ResolvedVariant]], weights: dict[str,
     rule = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"labels": {"app.kubernetes.io/managed-by": "mlops"}, "name": "mlops-variant-weights", "namespace": NAMESPACE},
+        "metadata": {"labels": MANAGED, "name": "mlops-variant-weights", "namespace": NAMESPACE},
         "spec": {"groups": [{"name": "mlops-variant-weights"}]},
     }
     records = (
@@ -191,7 +192,7 @@ def ingress_prefix(model: str) -> str:
 def access_objects(models: list[str], env: Environment) -> list[dict]:
     """Who reaches the models in one environment: the Gateway (TLS from a named Secret), JWT at the
     ingress with health paths left open, and strict mTLS between pods, as Istio objects."""
-    meta = {"labels": {"app.kubernetes.io/managed-by": "mlops"}, "namespace": GATEWAY_NAMESPACE}
+    meta = {"labels": MANAGED, "namespace": GATEWAY_NAMESPACE}
     http = {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}
     servers = [http]
     if env.tls:
@@ -234,7 +235,7 @@ def access_objects(models: list[str], env: Environment) -> list[dict]:
                 ],
             },
         })  # fmt: skip
-    pods = {"labels": {"app.kubernetes.io/managed-by": "mlops"}, "namespace": NAMESPACE}
+    pods = {"labels": MANAGED, "namespace": NAMESPACE}
     docs.append({
         "apiVersion": "security.istio.io/v1",
         "kind": "PeerAuthentication",

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import yaml
 from mlserver.errors import MLServerError
+from pydantic import BaseModel, ValidationError
 
 from . import integrity
 
@@ -161,3 +163,15 @@ def load_estimator(model_dir: Path, extra_trusted: Sequence[str] = (), allow_pic
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt file must say which file
         raise ModelLoadError(f"{path}: cannot load skops file ({type(exc).__name__}: {exc})") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_extra(model: type[M], extra: dict | None, owner: str) -> M:
+    """A runtime's `parameters.extra` as the contract's model; a broken field fails the load, named."""
+    try:
+        return model.model_validate(extra or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ModelLoadError(f"{owner}: parameters.extra.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None

@@ -27,10 +27,9 @@ from mlserver.errors import InferenceError, InvalidModelURI
 from mlserver.model import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 from mlserver.utils import get_model_uri
-from pydantic import ValidationError
 
 from . import metrics, mlserver_patches, signature
-from .artifacts import ModelLoadError, fetch, load_estimator, read_mlmodel, retry_later
+from .artifacts import ModelLoadError, fetch, load_estimator, read_extra, read_mlmodel, retry_later
 from .batching import Coalescer
 from .contract import SPEC_FILE, RuntimeExtra
 from .signature import MAX_MAGNITUDE, RequestTooLarge
@@ -115,11 +114,7 @@ class ReportedModel(MLModel):
 class RegistrySKLearnRuntime(ReportedModel):
     async def load_model(self) -> None:
         """Load without reporting readiness: a router loads its variants this way, under its own name."""
-        try:
-            extra = RuntimeExtra.model_validate((self.settings.parameters.extra or {}) if self.settings.parameters else {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ModelLoadError(f"model '{self.name}': parameters.extra.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        extra = read_extra(RuntimeExtra, self.settings.parameters.extra if self.settings.parameters else None, f"model '{self.name}'")
         try:
             uri = await get_model_uri(self.settings)
         except InvalidModelURI:

@@ -36,10 +36,9 @@ from mlserver.errors import InferenceError
 from mlserver.model import MLModel
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
-from pydantic import ValidationError
 
 from . import metrics
-from .artifacts import ModelLoadError, retry_later
+from .artifacts import ModelLoadError, read_extra, retry_later
 from .contract import RouterExtra, VariantRoute
 from .registry_sklearn import RegistrySKLearnRuntime, ReportedModel
 
@@ -103,12 +102,7 @@ def agree(live: InferenceResponse, shadow: InferenceResponse) -> bool:
 
 class RouterRuntime(ReportedModel):
     async def load_model(self) -> None:
-        try:
-            extra = RouterExtra.model_validate(self.settings.parameters.extra or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ModelLoadError(f"router '{self.name}': parameters.extra.{where}: {first['msg']}") from None
+        extra = read_extra(RouterExtra, self.settings.parameters.extra, f"router '{self.name}'")
         specs, fallback = extra.variants, extra.fallback
         self._metrics = m = metrics.router_metrics()
         self._variants: list[Variant] = []
