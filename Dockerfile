@@ -1,5 +1,5 @@
 # The serving image: MLServer plus this project's runtimes. One container serves one model,
-# chosen by MLSERVER_MODEL_* environment variables (see mlops/seldon.py); the runtime downloads
+# chosen by MLSERVER_MODEL_* environment variables (see mlops/render/seldon.py); the runtime downloads
 # the pinned version from the MLflow registry at startup, so no model files are baked in.
 FROM python:3.11-slim
 
@@ -30,5 +30,6 @@ ENV MLSERVER_HTTP_PORT=8080 \
     MLSERVER_METRICS_PORT=8082 \
     MLSERVER_METRICS_DIR=/tmp/mlserver-metrics
 EXPOSE 8080 8081 8082
-# /app/server holds no model-settings.json, so MLServer builds the one model from the environment.
-CMD ["mlserver", "start", "/app/server"]
+# `mlserver start` with this project's changes to MLServer (runtimes/server.py). /app/server holds
+# no model-settings.json, so MLServer builds the one model from the environment.
+CMD ["python", "-m", "runtimes.server", "start", "/app/server"]

@@ -13,7 +13,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -26,9 +25,9 @@ from pathlib import Path
 
 import matplotlib  # the bench extra: `mlops bench` without it says so before any work
 
-from mlops.processes import stop_process, wait_for
-from mlops.registry import Registry, default_registry
-from mlops.serve import Ports, mlserver_command, server_env
+from mlops.domain.registry import Registry, default_registry
+from mlops.supervise.processes import free_port, stop_process, wait_for
+from mlops.supervise.serve import Ports, mlserver_command, server_env
 from runtimes.metrics import proc_stat
 
 matplotlib.use("Agg")  # files, no display
@@ -65,12 +64,6 @@ def require_tools() -> None:
     if missing:
         pkgs = " ".join(LOAD_GENERATORS[t] for t in missing)
         raise BenchError(f"{', '.join(missing)} not found; install the Debian package(s): apt-get install {pkgs} (or run `make bench`)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- processes
@@ -136,10 +129,12 @@ def wait_ready(proc: Proc, path: str, timeout: float = 600) -> float:
     raise BenchError(f"{proc.name} not ready after {timeout:.0f}s; see {proc.log}")
 
 
-def start_mlserver(name: str, settings_dir: Path, registry: Registry, workdir: Path, env: dict | None = None) -> tuple[Proc, Ports]:
+def start_mlserver(name: str, settings_dir: Path, registry: Registry, workdir: Path, env: dict | None = None, stock: bool = False) -> tuple[Proc, Ports]:
+    """MLServer as this project serves it (runtimes/server.py), or with stock=True as released: `mlserver start`."""
     ports = Ports(free_port(), free_port(), free_port())
     metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=workdir)
-    proc = start(name, mlserver_command(settings_dir), {**server_env(registry, ports, metrics_dir), **(env or {})}, ports.http, workdir)
+    command = [str(Path(sys.executable).with_name("mlserver")), "start", str(settings_dir)] if stock else mlserver_command(settings_dir)
+    proc = start(name, command, {**server_env(registry, ports, metrics_dir), **(env or {})}, ports.http, workdir)
     return proc, ports
 
 
@@ -380,7 +375,7 @@ def start_systems(
 ) -> list[System]:
     ours, ours_ports = start_mlserver("mlserver", project / "model-settings", registry, workdir)
     stock, tuned = (
-        start_mlserver(name, stock_settings(workdir / name, version, server_settings), registry, workdir)[0]
+        start_mlserver(name, stock_settings(workdir / name, version, server_settings), registry, workdir, stock=True)[0]
         for name, server_settings in (
             ("stock-mlflow", {}),
             ("stock-mlflow-tuned", json.loads((project / "model-settings" / "settings.json").read_text())),

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from runtimes.contract import GRPC_PORT, HTTP_PORT, LOOPBACK, METRICS_PORT, MODEL_SETTINGS_DIR, SPEC_FILE
 
-from .registry import RegistryError, default_registry, embedded_write_lock
-from .spec import SpecError
+from .domain.registry import RegistryError, default_registry, embedded_write_lock
+from .domain.spec import SpecError
 
 app = typer.Typer(
     help="Train models into MLflow, sync deployments.yaml to MLServer and Seldon, serve them.",
@@ -99,8 +99,8 @@ def train(
 
 
 def _sync(check: bool, reload: list[str] = ()):
-    from .serve import ServerError, reload_models
-    from .sync import sync as do_sync
+    from .render.sync import sync as do_sync
+    from .supervise.serve import ServerError, reload_models
 
     root = project_root()
     registry = default_registry(root)
@@ -150,9 +150,9 @@ def serve(http_port: HttpPort = HTTP_PORT, grpc_port: GrpcPort = GRPC_PORT, metr
 
 
 def _serve(http_port: int, grpc_port: int, metrics_port: int, host: str, prometheus_port: int | None = None) -> None:
-    from .prometheus import PrometheusError
-    from .serve import Ports
-    from .serve import serve as run
+    from .supervise.prometheus import PrometheusError
+    from .supervise.serve import Ports
+    from .supervise.serve import serve as run
 
     root = project_root()
     settings = root / MODEL_SETTINGS_DIR
@@ -178,11 +178,11 @@ def up(
     prometheus_port: Annotated[int, typer.Option(help="Port of Prometheus with --with-prometheus.")] = 9090,
 ) -> None:
     """The main job: train if the registry lacks the spec's models, sync, then serve."""
-    from .registry import fail_fast_http
-    from .spec import load_spec
+    from .domain.registry import fail_fast_http
+    from .domain.spec import load_spec
 
     if with_prometheus:
-        from .prometheus import PrometheusError, binary
+        from .supervise.prometheus import PrometheusError, binary
 
         try:
             binary()
@@ -242,7 +242,7 @@ def registry_server(
     The admin password comes from MLOPS_REGISTRY_ADMIN_PASSWORD or a prompt.
     Arguments after `--` go to `mlflow server` as they are, e.g. `-- --allowed-hosts mlflow.example.com`.
     """
-    from . import registry_server as server
+    from .supervise import registry_server as server
 
     opts = server.Options(
         backend_store_uri=backend_store_uri, artifacts_destination=artifacts_destination, auth_db_uri=auth_db_uri,
@@ -260,7 +260,7 @@ def validate(
     crds_dir: Annotated[Path | None, typer.Option(help="Upstream CRDs to validate against [env: MLOPS_CRDS_DIR; default: ../shared/crds].")] = None,
 ) -> None:
     """Render every clusters/<env> with kubectl kustomize and validate each object offline."""
-    from . import validate as validation
+    from .check import validate as validation
 
     raise typer.Exit(validation.main(project_root(), crds_dir))
 
@@ -272,12 +272,12 @@ def cluster(env: Annotated[str, typer.Argument(help="The environment: a folder u
     For each SeldonDeployment: how clients reach it through the ingress (REST path, gRPC headers),
     the traffic weights and mirror, and each predictor's MLServer container as the pods run it
     (the env and ports the operator adds, where metrics are served, the user). `mlops validate`
-    checks the same model; mlops/cluster.py cites the upstream source it follows.
+    checks the same model; mlops/check/cluster.py cites the upstream source it follows.
     """
     import yaml
 
-    from . import cluster as model
-    from . import validate as validation
+    from .check import cluster as model
+    from .check import validate as validation
 
     try:
         envs = validation.rendered_environments(project_root())
@@ -293,15 +293,113 @@ def dashboards(
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 1 with a diff if generated files are stale.")] = False,
 ) -> None:
     """Generate the Grafana dashboards and the PrometheusRule under clusters/base/monitoring/."""
-    from . import dashboards as gen
+    from .render import dashboards as gen
 
     result = gen.write(project_root(), check=check)
     if check:
-        fail_if_stale(result.changed, result.diff, "mlops/dashboards.py", "mlops dashboards")
+        fail_if_stale(result.changed, result.diff, "mlops/render/dashboards.py", "mlops dashboards")
     if check:
         out.print("dashboards and alerts are up to date")
     else:
         out.print(f"updated {', '.join(result.changed)}" if result.changed else "dashboards and alerts already up to date", highlight=False, soft_wrap=True)
+
+
+PrometheusUrl = Annotated[
+    str, typer.Option("--prometheus", envvar="MLOPS_PROMETHEUS_URL", help="The Prometheus that scrapes the model's servers, e.g. http://prometheus:9090.")
+]
+ModelName = Annotated[str, typer.Argument(help="A model of deployments.yaml with a `rollout` policy, e.g. iris.")]
+
+
+def _rollout_target(model: str, env: str | None):
+    from .domain.spec import load_spec
+    from .rollout.promote import PromotionError, policy_of
+
+    root = project_root()
+    try:
+        spec = load_spec(root / SPEC_FILE)
+        if env is not None and env not in spec.environments:
+            raise PromotionError(f"no environment '{env}' in {SPEC_FILE} (environments: {', '.join(spec.environments)})")
+        policy = policy_of(model, spec.models.get(model))
+    except (SpecError, PromotionError) as exc:
+        fail(str(exc))
+    return root, spec, policy
+
+
+@app.command()
+def promote(
+    model: ModelName,
+    prometheus: PrometheusUrl,
+    env: Annotated[
+        str | None, typer.Option(help="Change this environment's weights (models.<m>.environments.<env>.weights); default: the model's own.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decision and its evidence; write nothing.")] = False,
+    commit: Annotated[bool, typer.Option("--commit", help="Commit the rewritten spec and generated files, the evidence as the message.")] = False,
+) -> None:
+    """Decide promote | step | hold | rollback for MODEL's challenger from live outcomes, and write it to Git.
+
+    Reads each variant's feedback and the challenger's error ratio and p99 from Prometheus, tests the difference with an always-valid sequential test (safe to run on a schedule), and prints `decision: ...` with the evidence.
+
+    step raises the challenger's weight by the policy's step_weight; promote points the champion's registry alias at the challenger's version and sets the weights to champion 100; rollback sets the challenger's weight to 0. Anything but hold rewrites deployments.yaml and runs sync: the change is a small diff for review, and Flux applies it. Never talks to the cluster.
+    """
+    from .rollout.promote import PromotionError, decide, last_scrape, read_arms, read_guardrails, report, write
+
+    root, spec, policy = _rollout_target(model, env)
+    weights = spec.models[model].weights(env)
+    try:
+        at = last_scrape(prometheus, model)
+        champion, challenger = read_arms(prometheus, model, policy, at)
+        decision = decide(policy, weights, champion, challenger, read_guardrails(prometheus, model, policy, at))
+    except PromotionError as exc:
+        fail(str(exc))
+    lines = report(model, env, policy, decision)
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
+    if decision.action == "hold" or dry_run:
+        if dry_run and decision.action != "hold":
+            out.print("dry run: nothing written", highlight=False)
+        return
+    registry = default_registry(root)
+    try:
+        with embedded_write_lock(root, registry, on_wait=lambda msg: err.print(msg, highlight=False)):
+            changed = write(root, registry, model, env, decision, commit=commit, message=lines)
+    except (PromotionError, SpecError, RegistryError) as exc:
+        fail(str(exc))
+    written = ", ".join([SPEC_FILE, *changed])
+    out.print(f"wrote {written}" + ("; committed" if commit else "; review with `git diff` and commit"), highlight=False)
+
+
+@app.command("ab-report")
+def ab_report(
+    model: ModelName,
+    prometheus: PrometheusUrl,
+    env: Annotated[str | None, typer.Option(help="Show this environment's configured weights.")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Where to write the PNG chart of quality and share over time; default ab-report-MODEL.png.")] = None,
+    since: Annotated[str, typer.Option(help="How far back the chart goes (a duration such as 6h or 7d).")] = "6h",
+) -> None:
+    """Print MODEL's per-variant A/B table (weight, share, requests, errors, p99, outcomes, quality with interval) and chart it.
+
+    The numbers are the ones `mlops promote` decides on, over the rollout policy's window, read with the dashboards' queries.
+    """
+    from rich.table import Table
+
+    from .rollout.promote import PromotionError
+    from .rollout.report import chart as draw
+    from .rollout.report import rows, table
+
+    _, spec, policy = _rollout_target(model, env)
+    try:
+        found = rows(prometheus, model, spec.models[model], policy, env)
+        path = draw(prometheus, model, policy, since, chart or Path(f"ab-report-{model}.png"))
+    except PromotionError as exc:
+        fail(str(exc))
+    header, *lines = table(model, policy, found)
+    view = Table(title=f"{model}: {policy.metric} over {policy.window}" + (f" ({env})" if env else ""))
+    for name in header:
+        view.add_column(name, justify="left" if name == "variant" else "right")
+    for line in lines:
+        view.add_row(*line)
+    out.print(view)
+    out.print(f"chart: {path}", highlight=False)
 
 
 @app.command()

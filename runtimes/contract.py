@@ -17,6 +17,8 @@ MODEL_SETTINGS_DIR = "model-settings"  # served by `mlops serve`; its settings.j
 SELDON_DIR = "seldon"
 STATE_DIR = ".mlops"  # the embedded registry and local run state, beside the spec
 
+# The serving process: `python -m runtimes.server start FOLDER`, in the image (Dockerfile CMD) and under `mlops serve`.
+SERVER_MODULE = "runtimes.server"
 RUNTIME = "runtimes.registry_sklearn.RegistrySKLearnRuntime"
 ROUTER = "runtimes.router.RouterRuntime"
 
@@ -27,7 +29,7 @@ LOOPBACK = "127.0.0.1"  # what local servers bind unless told otherwise
 EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a single model's parameters.extra from it, as JSON
 
 # After SIGTERM, the time MLServer has to answer what it accepted (runtimes/drain.py); the pods'
-# terminationGracePeriodSeconds covers it plus the operator's preStop sleep (mlops/cluster.py checks).
+# terminationGracePeriodSeconds covers it plus the operator's preStop sleep (mlops/check/cluster.py checks).
 DRAIN_SECONDS = 30
 
 
@@ -46,6 +48,8 @@ class RuntimeExtra(_Extra):
     variant: str | None = None  # reported as each answer's `parameters.variant`
     alias: str | None = None
     shadow: bool = False
+    # The public name's live variants: feedback for any of them may reach this runtime (runtimes/feedback.py).
+    live_variants: list[str] = Field(default_factory=list)
     allow_pickle: bool = False
     skops_trusted_types: list[str] = Field(default_factory=list)
     predict_fn: str | None = None  # the default output, `predict` unless set
@@ -79,6 +83,9 @@ ROUTER_AGREEMENT = "mlops_router_shadow_agreement"
 ROUTER_AVAILABLE = "mlops_router_variant_available"
 BATCH_REQUESTS = "mlops_batch_requests"
 BATCH_WAIT = "mlops_batch_wait_seconds"
+FEEDBACK = "mlops_feedback"  # _total{model,variant,outcome}
+FEEDBACK_ABS_ERROR = "mlops_feedback_abs_error"  # summaries: read their _sum{model,variant}
+FEEDBACK_SQUARED_ERROR = "mlops_feedback_squared_error"
 MODEL_LOADS = "mlops_model_loads"
 MODEL_READY = "mlops_model_ready"
 PROCESS_CPU = "mlops_process_cpu_seconds_total"

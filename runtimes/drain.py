@@ -16,7 +16,7 @@ What MLServer 1.7.1 did with the signal (mlserver/server.py 168-190):
   metrics/server.py 17-19) no longer prevent: the first signal also stopped the metrics server, and each
   uvicorn server raised it again when it finished, running `stop()` three more times.
 
-Now `MLServer.stop` drains once, whatever signals follow:
+Now the server's stop (runtimes/server.py) drains once, whatever signals follow:
 
 1. stop accepting: REST's listening sockets close and gRPC's `stop()` closes its listener and sends
    GOAWAY, both at once; new connections are refused;
@@ -67,12 +67,12 @@ def _grpc_calls_started() -> int:
     return int(sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == "grpc_server_started_total"))
 
 
-async def _stop(self: MLServer, sig: int | None = None) -> None:
-    """Replaces MLServer.stop (mlserver/server.py 176-190), which dropped accepted requests (module
-    docstring), with one drain, however many signals arrive."""
-    drain = self.__dict__.get("_mlops_drain")
+async def stop(server: MLServer, sig: int | None = None) -> None:
+    """In place of MLServer.stop (mlserver/server.py 176-190), which dropped accepted requests (module
+    docstring): one drain, however many signals arrive."""
+    drain = server.__dict__.get("_mlops_drain")
     if drain is None:
-        drain = self.__dict__["_mlops_drain"] = asyncio.ensure_future(_drain(self, sig))
+        drain = server.__dict__["_mlops_drain"] = asyncio.ensure_future(_drain(server, sig))
     else:
         logger.info("%s: already draining", _name(sig))
     await asyncio.shield(drain)
@@ -161,13 +161,22 @@ def _release_signals() -> None:
     `capture_signals` (uvicorn server.py 332-349) took them past MLServer's `_NoSignalServer`
     (rest/server.py 14-16, metrics/server.py 17-19): otherwise the metrics server stops at the first
     signal and its re-raise starts uvicorn's own REST shutdown in the middle of the drain."""
-    if threading.current_thread() is not threading.main_thread():
-        return
     for sig in (signal.SIGINT, signal.SIGTERM):
         if isinstance(getattr(signal.getsignal(sig), "__self__", None), uvicorn.Server):
             signal.signal(sig, _wake_loop)
 
 
-def apply() -> None:
-    MLServer.stop = _stop
+async def release_signals(server: MLServer) -> None:
+    """Runs beside `MLServer.start`: each of its uvicorn servers (REST, metrics) takes the signals as it
+    starts serving (before `started`), so give them back until all have started, then once more."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def serving() -> bool:
+        listeners = [s for s in (server._rest_server, server._metrics_server) if s is not None]
+        return all(getattr(getattr(s, "_server", None), "started", False) for s in listeners)
+
+    while not serving():
+        _release_signals()
+        await asyncio.sleep(POLL_SECONDS)
     _release_signals()

@@ -14,7 +14,7 @@ from collections import Counter as Tally
 from dataclasses import dataclass
 from functools import cache
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 
 from . import contract
 
@@ -64,6 +64,28 @@ def router_metrics() -> RouterMetrics:
             ["model", "variant"],
             multiprocess_mode="mostrecent",
         ),
+    )
+
+
+@dataclass(frozen=True)
+class FeedbackMetrics:
+    outcomes: Counter
+    abs_error: Summary
+    squared_error: Summary
+
+
+@cache
+def feedback_metrics() -> FeedbackMetrics:
+    """Outcomes per variant (runtimes/feedback.py). The errors are summaries for their `_sum` series:
+    `mlops_feedback_abs_error_sum` and `mlops_feedback_squared_error_sum`, one observation per outcome."""
+    return FeedbackMetrics(
+        outcomes=Counter(
+            contract.FEEDBACK,
+            "Outcomes reported by feedback, by the variant that made the prediction: correct or incorrect (classifiers), scored (regressors).",
+            ["model", "variant", "outcome"],
+        ),
+        abs_error=Summary(contract.FEEDBACK_ABS_ERROR, "Absolute error of a regressor's scored predictions.", ["model", "variant"]),
+        squared_error=Summary(contract.FEEDBACK_SQUARED_ERROR, "Squared error of a regressor's scored predictions.", ["model", "variant"]),
     )
 
 

@@ -1,10 +1,10 @@
-"""Behaviours of MLServer 1.7.1 that this project changes, applied when a runtime module is imported.
+"""Behaviours of MLServer 1.7.1 that this project changes, applied by the serving entry point only.
 
-MLServer imports a model's runtime in its main process before it loads the model, so these are in
-place before the first load finishes and before the first request reaches a model. Each one is
-small, idempotent and tied to 1.7.1's internals; tests/test_reliability.py checks each against a
-real server, so an MLServer upgrade that breaks one fails there, and `apply()` refuses to patch any
-other release (`TESTED_MLSERVER`): the model fails to load, saying which release to install.
+runtimes/server.py applies them before MLServer starts; nothing else in the project imports this
+module, so the CLI and the tests that import runtimes leave MLServer as it is. Each change is small,
+idempotent and tied to 1.7.1's internals; tests/test_reliability.py checks each against a real
+server, so an MLServer upgrade that breaks one fails there, and `apply()` refuses to patch any other
+release (`TESTED_MLSERVER`): the server does not start, saying which release to install.
 
 - Readiness with parallel workers: a runtime's `load()` returning False marks the model not ready
   (MLServer's documented contract), but with parallel workers the main process reports every model
@@ -15,9 +15,10 @@ other release (`TESTED_MLSERVER`): the model fails to load, saying which release
   got a bare 500 from an empty round robin; they now get 503 / UNAVAILABLE saying so.
 - Status codes MLServer has no gRPC mapping for: 413 (request too large) is RESOURCE_EXHAUSTED,
   503 is UNAVAILABLE, instead of UNKNOWN.
-- REST inference takes a shorter road to the same data plane: `runtimes/rest.py`.
-- SIGTERM drains: no new connections, every request already accepted is answered, then the process
-  exits within contract.DRAIN_SECONDS: `runtimes/drain.py` (tests/test_shutdown.py).
+
+The entry point also serves MLServer's REST app instance through `runtimes/rest.py` (a shorter road to
+the same data plane, binary tensors, JSON sent as a form) and makes its stop the drain of
+`runtimes/drain.py` (tests/test_shutdown.py): no class of MLServer, FastAPI or uvicorn changes for those.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from mlserver.grpc import converters
 from mlserver.grpc.utils import STATUS_CODE_MAPPING
 from mlserver.parallel.dispatcher import Dispatcher
 from mlserver.parallel.model import ParallelModel
-
-from . import drain, rest
 
 TESTED_MLSERVER = "1.7.1"  # every patch here names lines of this release; another may have moved them
 READINESS_PROBE = "is_ready"  # the runtime method a worker answers with its model's readiness
@@ -100,5 +99,3 @@ def apply() -> None:
         Dispatcher._get_worker = _wrap_get_worker(Dispatcher._get_worker)
     STATUS_CODE_MAPPING.setdefault(413, grpc.StatusCode.RESOURCE_EXHAUSTED)
     STATUS_CODE_MAPPING.setdefault(503, grpc.StatusCode.UNAVAILABLE)
-    rest.apply()
-    drain.apply()

@@ -28,7 +28,7 @@ from mlserver.model import MLModel
 from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 from mlserver.utils import get_model_uri
 
-from . import metrics, mlserver_patches, signature
+from . import feedback, metrics, signature
 from .artifacts import ModelLoadError, fetch, load_estimator, read_extra, read_mlmodel, retry_later
 from .batching import Coalescer
 from .contract import SPEC_FILE, RuntimeExtra
@@ -43,14 +43,13 @@ MAX_REQUEST_VALUES = 1_000_000
 NUMERIC_DATATYPES = ("FP64", "FP32", "FP16", "INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8", "BOOL")
 
 logger = logging.getLogger("mlserver.runtimes")
-mlserver_patches.apply()
 
 
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
 
 
 class ReportedModel(MLModel):
-    """Loads through `load_model()`, reporting the outcome under the served name.
+    """Loads through `load_model()`, reporting the outcome under the served name, and records feedback.
 
     A model whose first load fails stays registered and not ready, with the cause logged.
     Raising would make MLServer 1.7.1 drop the model, and at start-up stop the whole server, so
@@ -59,6 +58,24 @@ class ReportedModel(MLModel):
     """
 
     _loaded = False
+    _feedback: feedback.Target | None = None  # set at load; None for a shadow, whose answers reach no client
+
+    def record_feedback(self, fb: feedback.Feedback) -> int:
+        """Record outcomes for one of this model's live variants (runtimes/feedback.py); the number recorded."""
+        if not self._loaded:
+            raise feedback.FeedbackError(f"model '{self.name}' is not ready", 503)
+        if self._feedback is None:
+            raise feedback.FeedbackError(f"model '{self.name}' is a shadow: its answers reach no client, so it takes no feedback", 404)
+        return self._feedback.record(fb)
+
+    def _feedback_answer(self, payload: InferenceRequest) -> InferenceResponse | None:
+        """The answer to feedback sent as an inference request; None for an inference request."""
+        fb = feedback.Feedback.of_inference(payload)
+        if fb is None:
+            return None
+        # Istio mirrors every request to a shadow's pod too: the copy is answered, and not counted twice.
+        recorded = 0 if self._feedback is None and self._loaded else self.record_feedback(fb)
+        return feedback.answer(self.name, recorded, payload.id)
 
     async def load_model(self) -> None:
         raise NotImplementedError
@@ -138,6 +155,14 @@ class RegistrySKLearnRuntime(ReportedModel):
         self._coalescer = Coalescer(self._model, prepare=self._columns.frame if self._columns else None, name=self.name)
         self.inputs = signature.column_metadata(columns) if columns else signature.tensor_metadata(mlmodel)
         self.outputs = signature.output_metadata(mlmodel, self._has_proba, getattr(self._model, "classes_", None))
+        classes = getattr(self._model, "classes_", None)
+        if not extra.shadow:
+            own = [extra.variant] if extra.variant else []
+            self._feedback = feedback.Target(
+                model=registered or self.name,
+                variants=tuple(extra.live_variants or own),
+                classes=tuple(classes.tolist()) if classes is not None else None,
+            ).publish()
         self._settings.platform = "sklearn" if "sklearn" in (mlmodel.get("flavors") or {}) else "mlflow_pyfunc"
         self._settings.versions = [self.version] if self.version else []
         # A full collection walks every object that MLflow, pandas and scikit-learn allocated on
@@ -147,6 +172,8 @@ class RegistrySKLearnRuntime(ReportedModel):
         gc.freeze()
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        if payload.parameters is not None and (answer := self._feedback_answer(payload)) is not None:
+            return answer
         names = [o.name for o in payload.outputs] if payload.outputs else [self._default_output]
         for name in names:
             if name not in VALID_OUTPUTS:

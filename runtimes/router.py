@@ -37,7 +37,7 @@ from mlserver.model import MLModel
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
-from . import metrics
+from . import feedback, metrics
 from .artifacts import ModelLoadError, read_extra, retry_later
 from .contract import RouterExtra, VariantRoute
 from .registry_sklearn import RegistrySKLearnRuntime, ReportedModel
@@ -126,8 +126,15 @@ class RouterRuntime(ReportedModel):
             after = f" after {', '.join(failed)} failed to load" if failed else ""
             raise ModelLoadError(f"router '{self.name}': no live variant with weight is left{after}")
         self._table = routing_table(self._live)
+        own = self._live[0].model._feedback
+        self._feedback = feedback.Target(self.name, tuple(s.name for s in specs if not s.shadow), own.classes if own else None).publish()
         for v in self._variants:
             m.weight.labels(self.name, v.name).set(0 if v.shadow else v.weight * 100 / total)
+            # Each outcome's series from 0: Prometheus' increase() misses what a series counted before its first scrape.
+            role = "shadow" if v.shadow else "live"
+            for outcome in ("ok", "error", "dropped") if v.shadow else ("ok", "client_error", "error"):
+                m.requests.labels(self.name, v.name, role, outcome)
+            m.latency.labels(self.name, v.name, role)
         for name in failed:
             m.weight.labels(self.name, name).set(0)
         if failed:
@@ -188,6 +195,8 @@ class RouterRuntime(ReportedModel):
         return self._table[-1][1]
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        if payload.parameters is not None and (answer := self._feedback_answer(payload)) is not None:
+            return answer  # for a variant, recorded here: no variant answers it, no shadow gets a copy
         variant = self.choose(routing_key(payload))
         m = self._metrics
         start = time.perf_counter()

@@ -1,10 +1,10 @@
 """One environment of the cluster, run here: real MLServer pods as Seldon's operator makes them, behind
 the ingress + executor stand-in (cluster_standin.py), all derived from the rendered manifests.
 
-A pod is the model container of one predictor: `mlserver start` on a folder holding only the image's
+A pod is the model container of one predictor: the image's CMD (`python -m runtimes.server start`) on a folder holding only the image's
 settings.json (the Dockerfile copies model-settings/settings.json to /app/server), with the image's
 ENV, then the `mlflow-credentials` secret (envFrom), then the container's env as the operator leaves
-it (mlops.cluster.derive): so MLServer picks its model name, ports, metrics port and path exactly
+it (mlops.check.cluster.derive): so MLServer picks its model name, ports, metrics port and path exactly
 as in the cluster. Two things differ, because pods here share one machine: each binds its own
 loopback address (MLSERVER_HOST; in Kubernetes it binds 0.0.0.0 in a network namespace of its own,
 with the same ports) and gets its own metrics folder (the image's /tmp is the pod's own). The
@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from conftest import REPO, free_port, stop_group
 
-from mlops import cluster, seldon
-from mlops.processes import wait_for, wait_until
-from mlops.prometheus import scrape_job
-from mlops.serve import mlserver_command
-from mlops.validate import rendered_environments
+from mlops.check import cluster
+from mlops.check.validate import rendered_environments
+from mlops.render import seldon
+from mlops.supervise.processes import wait_for, wait_until
+from mlops.supervise.prometheus import scrape_job
+from mlops.supervise.serve import mlserver_command
 
 POD_NET = "127.0.77."  # pod i gets POD_NET + (i + 1)
 STANDIN = Path(__file__).with_name("cluster_standin.py")
@@ -56,38 +57,43 @@ class Pod:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def scrape_job(self, podmonitor: dict) -> dict:
-        """What prometheus-operator makes of the PodMonitor for this pod: the endpoint's port name
-        looked up in the pod's container ports, its path, the pod's labels as meta labels."""
+    def meta(self, podmonitor: dict) -> dict[str, str]:
+        """The service discovery's labels of this pod's metrics port (what the PodMonitor's relabelings read)."""
         (endpoint,) = podmonitor["spec"]["podMetricsEndpoints"]
         port = self.container.ports.get(endpoint["port"])
         assert port is not None, f"PodMonitor port {endpoint['port']!r} is not a port of {self.deployment}/{self.predictor.name}"
-        meta = {f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in self.labels.items()}
-        meta.update(__meta_kubernetes_namespace=seldon.NAMESPACE, __meta_kubernetes_pod_name=f"{self.deployment}-{self.predictor.name}-0")
-        job = scrape_job(f"{self.deployment}-{self.predictor.name}", [f"{self.ip}:{port}"], meta, podmonitor_relabel_configs(podmonitor))
+        return cluster.pod_meta(seldon.NAMESPACE, self.deployment, self.predictor, endpoint["port"], f"{self.ip}:{port}")
+
+    def scrape_job(self, podmonitor: dict) -> dict:
+        """What prometheus-operator makes of the PodMonitor for this pod (mlops.check.cluster.scrape_config): the
+        endpoint's port name looked up in the pod's container ports, its path, the pod's labels as meta labels,
+        the target relabelings, honor_labels and the metricRelabelings."""
+        (endpoint,) = podmonitor["spec"]["podMetricsEndpoints"]
+        meta = self.meta(podmonitor)
+        address = meta.pop("__address__")
+        scrape = cluster.scrape_config(podmonitor)
+        job = scrape_job(f"{self.deployment}-{self.predictor.name}", [address], meta, scrape["relabel_configs"])
         job["metrics_path"] = endpoint.get("path", "/metrics")
+        job["honor_labels"] = scrape["honor_labels"]
+        if "metric_relabel_configs" in scrape:
+            job["metric_relabel_configs"] = scrape["metric_relabel_configs"]
         return job
 
 
-def _sanitize(label: str) -> str:
-    """A Kubernetes label name as a Prometheus label name."""
-    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
-
-
-def podmonitor_relabel_configs(podmonitor: dict) -> list[dict]:
-    """What prometheus-operator makes of the PodMonitor: its own namespace and pod labels, podTargetLabels,
-    then the endpoint's relabelings (camelCase fields in the CRD, snake_case in Prometheus)."""
-    spec = podmonitor["spec"]
-    (endpoint,) = spec["podMetricsEndpoints"]
-    configs = [
-        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-    ]
-    for label in spec.get("podTargetLabels", []):
-        configs.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(label)}"], "regex": "(.+)", "target_label": _sanitize(label)})
-    for relabel in endpoint.get("relabelings", []):
-        configs.append({re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in relabel.items()})
-    return configs
+def feedback_inputs(client, variant: str, prediction, truth) -> list:
+    """Feedback as an inference request's inputs (runtimes/feedback.py), for tritonclient's http or grpc module
+    (`client`); send them with `parameters={"feedback": True}`. JSON tensors: Seldon's executor parses every
+    REST body as JSON, so binary tensor data would not pass it."""
+    inputs = []
+    for name, values in (("variant", np.array([variant.encode()], dtype=np.object_)), ("prediction", np.asarray(prediction)), ("truth", np.asarray(truth))):
+        datatype = "BYTES" if values.dtype == np.object_ else "INT64" if values.dtype.kind == "i" else "FP64"
+        inp = client.InferInput(name, list(values.shape), datatype)
+        if client.__name__.endswith("http"):
+            inp.set_data_from_numpy(values.astype(np.int64) if datatype == "INT64" else values, binary_data=False)
+        else:
+            inp.set_data_from_numpy(values.astype(np.int64) if datatype == "INT64" else values)
+        inputs.append(inp)
+    return inputs
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Neither Istio nor Seldon's Go executor can run here, so this process reproduces what they do with a
 request on its way to the real MLServer pods (`tests/cluster.py` starts those as the operator would
-run them). It is configured from `mlops.cluster.derive()` of the generated manifests, nothing else.
+run them). It is configured from `mlops.check.cluster.derive()` of the generated manifests, nothing else.
 
 Istio 1.26.8 (the VirtualService seldon-core v1.18.2 writes, operator/controllers/
 seldondeployment_controller.go 236-411), only when the VirtualService's Gateway exists:
@@ -15,19 +15,33 @@ seldondeployment_controller.go 236-411), only when the VirtualService's Gateway 
 Seldon Core 1.18.2's executor, protocol v2 (executor/api/rest/server.go 185-191; predictor/
 predictor_process.go 87-92, 470-484; api/rest/client.go 266-280; api/grpc/kfserving/server.go 36-136):
 - REST routes `POST /v2/models/{name}/infer` and `/v2/models/infer` (the graph's name), forwarding
-  the body to `/v2/models/<name>/infer` on the model unchanged; `GET /v2/models/{name}/ready` and
+  the body to `/v2/models/<name>/infer` on the model; `GET /v2/models/{name}/ready` and
   `GET /v2/models/{name}` only for the graph node's name (else 500 "Failed to find model"); `GET
-  /v2/health/ready` as a TCP check of the model's port; anything else 404. Headers pass on but
+  /v2/health/ready` as a TCP check of the model's port; anything else 404 "404 page not found" (gorilla
+  mux's; there is no V2 feedback route: `/v2/models/{name}/feedback` is such a 404). Headers pass on but
   Content-Type, which it sets from the request. The answer keeps the model's status and body, HTML-escaped
   (json.HTMLEscape, api/rest/client.go 67-89), and of its headers only Content-Type, on a 200 alone
   (server.go 80-117; on an error Go's http sniffs the body instead).
-- gRPC: ModelInfer forwards model_name unchanged; ModelReady and ModelMetadata only for the graph
+- Before forwarding an inference body it chains it for the graph's MODEL node (predictor_process.go
+  95-113 calls api/rest/kfserving.go 10-36 through client.go 343-353): the body (gunzipped if
+  Content-Encoding says gzip) must be JSON (json.Unmarshal: one value, nothing after it but white space)
+  and an object: one with `inputs` goes on unchanged, request `parameters` included; one with only
+  `outputs` goes on re-encoded with `outputs` renamed `inputs`; anything else is a 500 whose body is a
+  SeldonMessage status naming Go's error (server.go 94-116, client.go 53-65), e.g. tritonclient's
+  binary tensor data after the JSON header, "invalid character '\\x00' after top-level value"
+  (SeldonIO/seldon-core#3969). JSON that is not an object panics the handler (`m :=
+  f.(map[string]interface{})`): Go's http recovers and closes the connection unanswered. Go's words are
+  reproduced for trailing data and an empty body; other syntax errors get the same form, naming the byte.
+- gRPC: ModelInfer forwards the request message as it is, model_name and request `parameters`
+  included (api/grpc/kfserving/server.go 76-88, client.go 71-90; the executor's ModelInferRequest
+  declares `parameters`, grpc_service.proto 633, and Go's protobuf keeps fields it does not know, such as
+  MLServer's double_param); ModelReady and ModelMetadata only for the graph
   node's name (else UNKNOWN "Failed to find model"); ServerLive, ServerReady, ServerMetadata and the
   rest panic "Not Implemented", and with no recovery interceptor (api/grpc/server.go 57-61) the panic
   ends the executor: the caller's connection drops (UNAVAILABLE here).
 
 Istio 1.26.8 security at the gateway, from the RequestAuthentications and AuthorizationPolicies that
-select it (mlops.cluster.Access, which also holds the policy semantics `mlops validate` checks with):
+select it (mlops.check.cluster.Access, which also holds the policy semantics `mlops validate` checks with):
 - Envoy's jwt_authn as Istio configures it (pilot/pkg/security/authn/policy_applier.go 142-275): the
   token from `Authorization: Bearer` (gRPC metadata `authorization`); none passes with no principal
   (allow_missing); one that fails (issuer not configured, signature not from the issuer's JWKS,
@@ -45,6 +59,7 @@ Run: python cluster_standin.py CONFIG.json; prints "ready" once both ports liste
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import random
 import re
@@ -55,7 +70,7 @@ import jwt
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
 
-from mlops.cluster import Access, Request
+from mlops.check.cluster import Access, Request
 
 SERVICE = "/inference.GRPCInferenceService/"
 V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
@@ -70,6 +85,64 @@ def _html_escape(data: bytes) -> bytes:
     for raw, escaped in ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"), ("\u2028".encode(), b"\\u2028"), ("\u2029".encode(), b"\\u2029")):
         data = data.replace(raw, escaped)
     return data
+
+
+class Panic(Exception):
+    """The executor's handler panicked: Go's http recovers, logs and closes the connection unanswered."""
+
+
+class Refused(Exception):
+    """The executor answers a 500 with this error before calling the model."""
+
+
+def _go_quote_char(c: int) -> str:
+    """encoding/json's quoteChar: the byte its syntax errors name."""
+    if c in (0x27, 0x22):
+        return "'\\''" if c == 0x27 else "'\"'"
+    special = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r", 0x5C: "\\\\"}
+    if c in special:
+        return f"'{special[c]}'"
+    if chr(c).isprintable():
+        return f"'{chr(c)}'"
+    return f"'\\x{c:02x}'" if c < 0x80 else f"'\\u{c:04x}'"
+
+
+def chain_kfserving(body: bytes, encoding: str | None) -> bytes:
+    """What api/rest/kfserving.go 10-36 makes of a REST V2 body before the model gets it; raises Refused
+    (a 500) or Panic as the executor fails."""
+    try:
+        data = gzip.decompress(body) if encoding == "gzip" else body
+    except (OSError, EOFError):
+        raise Refused("gzip: invalid header") from None
+    text = data.decode("utf-8", errors="surrogateescape")
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    if start == len(text):
+        raise Refused("unexpected end of JSON input")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(text):
+            raise Refused("unexpected end of JSON input") from None
+        bad = text[exc.pos].encode("utf-8", errors="surrogateescape")[0]
+        raise Refused(f"invalid character {_go_quote_char(bad)} looking for beginning of value") from None
+    rest = text[end:]
+    if rest.strip(" \t\r\n"):
+        after = rest[len(rest) - len(rest.lstrip(" \t\r\n")) :]
+        raise Refused(f"invalid character {_go_quote_char(after[0].encode('utf-8', errors='surrogateescape')[0])} after top-level value")
+    if not isinstance(value, dict):
+        raise Panic(f"interface conversion: interface {{}} is {type(value).__name__}, not map[string]interface {{}}")
+    if "inputs" in value:
+        return body
+    if "outputs" in value:
+        value["inputs"] = value.pop("outputs")
+        return _html_escape(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())  # json.Marshal
+    raise Refused("Failed to convert kfserving response so it could be chained to new input")
+
+
+def _seldon_error(message: str) -> web.Response:
+    """respondWithError with no payload: a SeldonMessage status, HTML-escaped, Content-Type sniffed."""
+    status = {"status": {"code": 500, "info": message, "status": "FAILURE"}}
+    return web.Response(status=500, body=_html_escape(json.dumps(status, separators=(",", ":")).encode()), headers={"Content-Type": SNIFFED})
 
 
 class Predictor:
@@ -167,8 +240,20 @@ class Standin:
         headers = {k: v for k, v in request.headers.items() if not (self.gate.strips and k.lower() == "authorization")}
         shadow = dep.mirrored()
         if shadow is not None:
-            self._later(self._executor(shadow, request.method, path, {**headers, "Host": f"{request.host}-shadow"}, body))
-        return await self._executor(dep.pick(), request.method, path, headers, body)
+            self._later(self._mirror(shadow, request.method, path, {**headers, "Host": f"{request.host}-shadow"}, body))
+        try:
+            return await self._executor(dep.pick(), request.method, path, headers, body)
+        except Panic:
+            if request.transport is not None:
+                request.transport.close()
+            raise
+
+    async def _mirror(self, pred: Predictor, method: str, path: str, headers: dict, body: bytes) -> None:
+        """Istio's mirrored copy: its answer, or the executor failing on it, reaches no one."""
+        try:
+            await self._executor(pred, method, path, headers, body)
+        except Panic:
+            pass
 
     async def _executor(self, pred: Predictor, method: str, path: str, headers: dict, body: bytes) -> web.Response:
         if m := V2_INFER.match(path):
@@ -192,6 +277,10 @@ class Standin:
             return web.Response(status=404, text="404 page not found\n")
         if method != "POST":
             return web.Response(status=405)
+        try:
+            body = chain_kfserving(body, headers.get("Content-Encoding"))
+        except Refused as exc:
+            return _seldon_error(str(exc))
         return await self._forward(pred, "POST", f"/v2/models/{name}/infer", headers, body)
 
     async def _forward(self, pred: Predictor, method: str, path: str, headers: dict, body: bytes | None) -> web.Response:

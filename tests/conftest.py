@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from mlops.processes import answers, wait_until
+from mlops.supervise.processes import answers, free_port, wait_until
+from runtimes.contract import MODEL_SETTINGS_DIR, SERVER_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
 MLOPS = str(Path(sys.executable).with_name("mlops"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlops(project: Path, *args: str, env: dict | None = None, check: bool = False, timeout: float = 300):
@@ -45,7 +40,7 @@ def in_registry(project: Path, code: str) -> str:
     MLflow keeps per-process state (store and engine caches, an exported
     MLFLOW_TRACKING_URI) that makes one process unreliable across registries.
     """
-    prelude = f"import sys; from pathlib import Path; from mlops.registry import default_registry; client = default_registry(Path({str(project)!r})).client()\n"
+    prelude = f"import sys; from pathlib import Path; from mlops.domain.registry import default_registry; client = default_registry(Path({str(project)!r})).client()\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     proc = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
@@ -93,6 +88,19 @@ def trained(tmp_path_factory) -> Path:
     mlops(project, "train", check=True)
     mlops(project, "sync", check=True)
     return project
+
+
+@pytest.fixture(scope="session")
+def mlserver_data_plane():
+    """(settings, DataPlane, model registry) for in-process tests, which load the models they need into the
+    registry under names of their own: a DataPlane registers MLServer's metrics, which a process can do once."""
+    from mlserver.handlers import DataPlane
+    from mlserver.registry import MultiModelRegistry
+    from mlserver.settings import Settings
+
+    settings = Settings(**json.loads((REPO / MODEL_SETTINGS_DIR / "settings.json").read_text()))  # as served
+    registry = MultiModelRegistry()
+    return settings, DataPlane(settings=settings, model_registry=registry), registry
 
 
 @pytest.fixture
@@ -163,6 +171,12 @@ def stop_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def mlserver_process(srv: Server) -> int:
+    """The pid of the MLServer process `mlops serve` started: the serving entry point's `start`."""
+    (pid,) = [pid for pid, cmd in children(srv.proc.pid) if f" -m {SERVER_MODULE} start " in cmd]
+    return pid
+
+
 def children(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of a process's children, from /proc."""
     out = []
@@ -207,7 +221,7 @@ def cluster(trained, tmp_path_factory):
     """The dev environment's iris (A/B) and wine (shadow) pods behind the ingress + executor stand-in."""
     from cluster_pods import Cluster
 
-    from mlops.registry import default_registry
+    from mlops.domain.registry import default_registry
 
     with pytest.MonkeyPatch.context() as env:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)

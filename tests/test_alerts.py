@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, mlops, new_project, tree_bytes
 
-from mlops import dashboards
+from mlops.render import dashboards
 
 ALERT_TESTS = Path(__file__).parent / "alerts"
 

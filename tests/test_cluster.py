@@ -8,9 +8,11 @@ environment. Clients are tritonclient, as a client developer would call the clus
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +22,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
+from cluster_pods import feedback_inputs
 from conftest import REPO
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from mlops import cluster as model
-from mlops.spec import load_spec
+from mlops.check import cluster as model
+from mlops.domain.spec import load_spec
+from runtimes.contract import FEEDBACK
 
 Z_999 = 3.2905  # two-sided 99.9% normal quantile
 ROW = {"iris": [5.1, 3.5, 1.4, 0.2], "wine": [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]}
@@ -150,14 +155,124 @@ def test_pods_serve_the_public_name_with_the_env_the_operator_leaves(cluster):
             assert r.status == 200
 
 
-def test_tritonclient_defaults_work_through_the_executor(cluster):
-    """Binary inputs pass the executor as they are; outputs come back as JSON, since it would drop the binary header."""
+def test_tritonclient_needs_json_tensors_through_the_executor(cluster):
+    """The executor parses every REST body as JSON before forwarding it (api/rest/kfserving.go 16-20), so
+    tritonclient's default binary tensor data gets its 500 (SeldonIO/seldon-core#3969); JSON tensors pass, and
+    outputs come back as JSON whatever the request asks, since the executor would drop the binary header."""
     client = httpclient.InferenceServerClient(cluster.rest_url("iris"))
+    rows = np.array([ROW["iris"], [6.7, 3.0, 5.2, 2.3]])
+    outputs = [httpclient.InferRequestedOutput("predict"), httpclient.InferRequestedOutput("predict_proba")]  # binary_data=True
+    binary = httpclient.InferInput("input-0", [2, 4], "FP64")
+    binary.set_data_from_numpy(rows)  # binary_data=True, tritonclient's default
+    with pytest.raises(InferenceServerException, match="after top-level value") as err:
+        client.infer("iris", [binary], outputs=outputs)
+    assert err.value.status() == "500"
     inp = httpclient.InferInput("input-0", [2, 4], "FP64")
-    inp.set_data_from_numpy(np.array([ROW["iris"], [6.7, 3.0, 5.2, 2.3]]))  # binary_data=True, tritonclient's default
-    result = client.infer("iris", [inp], outputs=[httpclient.InferRequestedOutput("predict"), httpclient.InferRequestedOutput("predict_proba")])
+    inp.set_data_from_numpy(rows, binary_data=False)
+    result = client.infer("iris", [inp], outputs=outputs)
     assert result.as_numpy("predict").reshape(-1).tolist() == [0, 2]
     assert result.as_numpy("predict_proba").shape == (2, 3)
+
+
+# --- feedback: ground truth for a variant's predictions, through the executor ----------------------
+
+
+def _feedback_counts(pod) -> Counter:
+    """mlops_feedback_total of one pod by (variant, outcome), as the pod exposes it."""
+    port, path = model.served_metrics(pod.container, {}, model.server_settings(REPO))
+    with urllib.request.urlopen(f"http://{pod.ip}:{port}{path}", timeout=10) as r:
+        text = r.read().decode()
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{FEEDBACK}_total":
+                counts[sample.labels["variant"], sample.labels["outcome"]] += sample.value
+    return counts
+
+
+def _send_feedback(cluster, name: str, variant: str, prediction: list, truth: list, grpc: bool) -> int:
+    """Feedback as an inference request to the public name through the ingress; the number the pod recorded."""
+    if grpc:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster.grpc}")
+        inputs = feedback_inputs(grpcclient, variant, prediction, truth)
+        answer = client.infer(name, inputs, parameters={"feedback": True}, headers=cluster.grpc_headers(name))
+    else:
+        client = httpclient.InferenceServerClient(cluster.rest_url(name))
+        answer = client.infer(name, feedback_inputs(httpclient, variant, prediction, truth), parameters={"feedback": True})
+    return int(answer.as_numpy("recorded").reshape(-1)[0])
+
+
+def _outcomes(variant: str, prediction: list, truth: list) -> Counter:
+    correct = sum(p == t for p, t in zip(prediction, truth, strict=True))
+    return Counter({(variant, "correct"): correct, (variant, "incorrect"): len(truth) - correct})
+
+
+def test_feedback_through_the_executor_is_recorded_for_the_variant_it_names(cluster):
+    """Over REST and gRPC, whichever pod Istio picks records the outcomes under the variant the feedback names:
+    the pods' counts together grow by exactly what was sent (the request parameter `feedback` passes the executor)."""
+    pods = cluster.pods_of("iris")
+    before = {p.predictor.name: _feedback_counts(p) for p in pods}
+    rng = np.random.default_rng(7)
+    sent: Counter = Counter()
+    for i in range(48):
+        variant = ("champion", "challenger")[i % 2]
+        prediction = rng.integers(0, 3, 5).tolist()
+        truth = [t if rng.random() < 0.7 else (t + 1) % 3 for t in prediction]
+        assert _send_feedback(cluster, "iris", variant, prediction, truth, grpc=i % 4 >= 2) == 5
+        sent += _outcomes(variant, prediction, truth)
+    grown = {p.predictor.name: _feedback_counts(p) - before[p.predictor.name] for p in pods}
+    assert sum(grown.values(), Counter()) == sent
+    assert any(v != pod for pod, got in grown.items() for v, _ in got), "some pod recorded feedback for another pod's variant"
+
+
+def test_shadow_pod_records_no_mirrored_feedback(cluster):
+    """Istio mirrors feedback to the shadow's pod too: it answers the copy (recorded 0) and counts nothing."""
+    (shadow,) = [p for p in cluster.pods_of("wine") if p.predictor.shadow]
+    (live,) = [p for p in cluster.pods_of("wine") if not p.predictor.shadow]
+    before = _feedback_counts(shadow), _feedback_counts(live), _metric(shadow, "model_infer_request_success_total")
+    sent: Counter = Counter()
+    for i in range(20):
+        prediction, truth = [0, 1, 2, 1], [0, 1, 1, i % 3]
+        assert _send_feedback(cluster, "wine", "champion", prediction, truth, grpc=bool(i % 2)) == 4
+        sent += _outcomes("champion", prediction, truth)
+    deadline = time.monotonic() + 30
+    while _metric(shadow, "model_infer_request_success_total") - before[2] < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the mirrored copies land after the live answers
+    assert _metric(shadow, "model_infer_request_success_total") - before[2] == 20, "the shadow answered every mirrored copy"
+    assert _feedback_counts(shadow) == before[0]
+    assert _feedback_counts(live) - before[1] == sent
+
+
+def test_feedback_for_an_unknown_variant_is_refused_naming_the_variant(cluster):
+    pods = cluster.pods_of("iris")
+    before = [_feedback_counts(p) for p in pods]
+    with pytest.raises(InferenceServerException, match="variant: 'nope' is not a live variant of model 'iris'") as rest:
+        _send_feedback(cluster, "iris", "nope", [0], [0], grpc=False)
+    assert rest.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="variant: 'nope'") as grpc:
+        _send_feedback(cluster, "iris", "nope", [0], [0], grpc=True)
+    assert grpc.value.status() == "StatusCode.NOT_FOUND"
+    assert [_feedback_counts(p) for p in pods] == before
+
+
+def test_the_feedback_path_is_not_forwarded_by_the_executor(cluster):
+    """`POST /v2/models/iris/feedback` is no route of the executor (api/rest/server.go 184-191): gorilla mux's 404,
+    though each pod answers it; in a cluster feedback goes as an inference request."""
+    body = json.dumps({"variant": "champion", "prediction": [0, 1], "truth": [0, 2]}).encode()
+    through = urllib.request.Request(f"http://{cluster.rest_url('iris')}/v2/models/iris/feedback", body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(through, timeout=10)
+    assert (err.value.code, err.value.read()) == (404, b"404 page not found\n")
+    pod = cluster.pods_of("iris")[0]
+    direct = urllib.request.Request(f"http://{pod.address('http')}/v2/models/iris/feedback", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(direct, timeout=10) as r:
+        assert json.loads(r.read()) == {"recorded": 2}
+    # tritonclient's default binary tensors do not pass the executor either
+    client = httpclient.InferenceServerClient(cluster.rest_url("iris"))
+    inputs = feedback_inputs(httpclient, "champion", [0, 1], [0, 2])
+    inputs[1].set_data_from_numpy(np.array([0, 1], dtype=np.int64))  # binary_data=True
+    with pytest.raises(InferenceServerException, match="after top-level value"):
+        client.infer("iris", inputs, parameters={"feedback": True})
 
 
 # --- who may call: the ingress's JWT and allow-list policies (stage's, as rendered) ----------------
@@ -195,7 +310,7 @@ def _denied(call) -> str:
 @pytest.fixture(scope="module")
 def stage_ingress(cluster):
     """The pods behind stage's gateway policies; the issuer's keys as istiod would fetch them."""
-    from mlops.validate import rendered_environments
+    from mlops.check.validate import rendered_environments
 
     jwt_spec = load_spec(REPO / "deployments.yaml").environments["stage"].auth.jwt
     issuer = Issuer(jwt_spec.issuer)
@@ -209,7 +324,7 @@ def test_inference_needs_a_token_of_the_issuer_and_health_does_not(cluster, stag
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{ingress.grpc}")
     seldon_headers = cluster.grpc_headers("iris")
     inp = httpclient.InferInput("input-0", [1, 4], "FP64")
-    inp.set_data_from_numpy(np.array([ROW["iris"]]))
+    inp.set_data_from_numpy(np.array([ROW["iris"]]), binary_data=False)  # the executor takes JSON tensors only
     ginp = grpcclient.InferInput("input-0", [1, 4], "FP64")
     ginp.set_data_from_numpy(np.array([ROW["iris"]]))
 
@@ -243,15 +358,15 @@ def test_inference_needs_a_token_of_the_issuer_and_health_does_not(cluster, stag
 
 def test_allow_list_refuses_a_valid_token_from_elsewhere(cluster, stage_ingress):
     """With `allow_ips`, a token is not enough from an address outside the list; health stays open."""
-    from mlops import seldon
-    from mlops.spec import Auth
+    from mlops.domain.spec import Auth
+    from mlops.render import seldon
 
     _, issuer, audience = stage_ingress
     stage = load_spec(REPO / "deployments.yaml").environments["stage"]
     jwks = {issuer.issuer: issuer.jwks}
     token = issuer.token(audience)
     inp = httpclient.InferInput("input-0", [1, 4], "FP64")
-    inp.set_data_from_numpy(np.array([ROW["iris"]]))
+    inp.set_data_from_numpy(np.array([ROW["iris"]]), binary_data=False)  # the executor takes JSON tensors only
     for allowed, passes in (("198.51.100.0/24", False), ("127.0.0.0/8", True)):
         env = stage.model_copy(update={"auth": Auth(jwt=stage.auth.jwt, allow_ips=[allowed])})
         ingress = cluster.start_standin(seldon.access_objects(sorted(cluster.deployments), env) + cluster.objects, jwks)

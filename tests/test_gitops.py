@@ -22,11 +22,13 @@ import pytest
 import yaml
 from conftest import python_output
 
-from mlops import cluster, plaintext, seldon
-from mlops.registry import ResolvedVariant
-from mlops.spec import DeploymentSpec
-from mlops.validate import KUBECTL_MISSING, default_crds_dir, validate
-from runtimes.contract import SELDON_DIR, VARIANT_WEIGHT
+from mlops.check import cluster, plaintext
+from mlops.check.validate import KUBECTL_MISSING, default_crds_dir, validate
+from mlops.domain.registry import ResolvedVariant
+from mlops.domain.spec import DeploymentSpec
+from mlops.render import seldon
+from mlops.supervise.serve import mlserver_command
+from runtimes.contract import SELDON_DIR, SERVER_MODULE, VARIANT_WEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = default_crds_dir(ROOT)
@@ -253,7 +255,7 @@ def test_each_rule_names_file_object_and_field(repo, mutate, expected):
     assert all(e.split(" (", 1)[1].startswith(same) for e in errors), "\n".join(errors)
 
 
-# --- what Seldon's operator, its executor and Istio make of the manifests (mlops/cluster.py) --------
+# --- what Seldon's operator, its executor and Istio make of the manifests (mlops/check/cluster.py) --
 
 
 def per_variant_model_names(repo):
@@ -453,7 +455,7 @@ def test_access_follows_the_spec_per_environment():
 
 
 def test_spec_must_decide_who_may_call_each_environment():
-    from mlops.validate import spec_problems
+    from mlops.check.validate import spec_problems
 
     data = copy.deepcopy(SPEC)
     assert spec_problems(DeploymentSpec.model_validate(data)) == []
@@ -477,7 +479,7 @@ def test_spec_must_decide_who_may_call_each_environment():
     ],
 )
 def test_bad_auth_is_refused_naming_the_field(tmp_path, auth, message):
-    from mlops.spec import SpecError, load_spec
+    from mlops.domain.spec import SpecError, load_spec
 
     data = copy.deepcopy(SPEC)
     data["environments"]["dev"]["auth"] = auth
@@ -620,7 +622,7 @@ def test_each_planted_secret_is_reported_with_file_and_line(tmp_path):
 
 
 def test_mlops_validate_fails_on_a_planted_secret(repo, capsys):
-    from mlops.validate import main
+    from mlops.check.validate import main
 
     git_repo(repo, {"deploy/.env": PLANTED["deploy/.env"][0]})
     assert main(repo, CRDS) == 1
@@ -675,8 +677,9 @@ def test_image_serves_with_the_generated_server_settings():
     text = (ROOT / "Dockerfile").read_text()
     copies = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("COPY "))
     cmd = json.loads(next(line.removeprefix("CMD ") for line in text.splitlines() if line.startswith("CMD ")))
-    assert cmd[:2] == ["mlserver", "start"]
-    assert copies["model-settings/settings.json"] == f"{cmd[2]}/settings.json"
+    assert cmd[:4] == ["python", "-m", SERVER_MODULE, "start"], "the image must serve through the project's entry point, as mlops serve does"
+    assert mlserver_command(Path(cmd[4]))[1:] == cmd[1:]
+    assert copies["model-settings/settings.json"] == f"{cmd[4]}/settings.json"
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")}
     for src in copies:
         assert (ROOT / src).exists() and src.split("/")[0] not in ignored, src
@@ -690,7 +693,7 @@ def test_image_serves_with_the_generated_server_settings():
 
 def test_declared_trust_reaches_every_runtime_that_loads_the_model():
     """The spec's trust goes to the variant's pods, its local model-settings and the router's variants; only there."""
-    from mlops.sync import render_model_settings
+    from mlops.render.sync import render_model_settings
 
     data = copy.deepcopy(SPEC)
     data["models"]["wine"]["trust"] = {"allow_pickle": True, "skops_trusted_types": ["sklearn.tree._tree.Tree"]}

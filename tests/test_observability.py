@@ -12,16 +12,22 @@ return data here, in both places the platform runs:
   generated overlay's weight rule loaded. The load calls the public name through the ingress and
   executor stand-in, which splits it between the pods by the overlay's weights, as Istio does.
 
+Both loads send feedback (runtimes/feedback.py) for every live variant: locally as inference requests over
+REST and gRPC and on the REST feedback path, through the ingress as inference requests (the executor
+forwards no other path), which any variant's pod records under the variant named.
+
 Local series carry no namespace label, the pods' carry `namespace="models"` (as prometheus-operator
 adds), so one Prometheus holds both and each form is checked on its own series.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,20 +35,25 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
+from cluster_pods import feedback_inputs
 from conftest import REPO, Server, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
-from mlops import dashboards, seldon
-from mlops.prometheus import Prometheus, rule_file, scrape_job
-from mlops.spec import load_spec
-from runtimes.contract import VARIANT_WEIGHT
+from mlops.check import cluster as cluster_model
+from mlops.domain.spec import load_spec
+from mlops.render import dashboards, seldon
+from mlops.supervise.prometheus import Prometheus, rule_file, scrape_job
+from runtimes.contract import FEEDBACK, INFER_SUCCESS, VARIANT_WEIGHT
 
 LOAD_S = 15  # seconds of load; with a 1 s scrape that is enough samples for every rate()
 DIRECT = "diabetes-champion"
 FEATURES = {"iris": 4, "wine": 13, "diabetes": 10}
-LOCAL = {"$namespace": "", "$model": ".*", "$variant": ".*", "$__rate_interval": "1m"}  # "" matches only series without the label
+LOCAL = {"$namespace": "", "$model": ".*", "$variant": ".*", "$__rate_interval": "1m", "$__range": "1h"}  # "" matches only series without the label
 CLUSTER = {**LOCAL, "$namespace": seldon.NAMESPACE}
 POD_MODEL, POD_ENV = "iris", "dev"  # the variant pods: iris's live variants with the dev overlay's weights
 PODMONITOR = REPO / "clusters/base/monitoring/podmonitor-mlserver.yaml"
+TESTED = ("iris", "diabetes")  # the models whose variants get feedback locally: a classifier and a regressor
+POD_SKIPPED = {dashboards.SHADOW_AGREEMENT, dashboards.MAE}  # no pod form here: router only; no regressor pods
 
 
 def _call(rest, grpc, model: str, n: int, headers: dict | None = None) -> None:
@@ -63,18 +74,48 @@ def _call(rest, grpc, model: str, n: int, headers: dict | None = None) -> None:
             raise AssertionError(f"{model}: {exc}") from None
 
 
+def _feedback(rest, grpc, model: str, n: int, headers: dict | None = None, url: str | None = None) -> None:
+    """Feedback for one of the model's live variants, 20 outcomes: REST or gRPC by turn, and with `url`
+    (locally) every third one on the REST feedback path."""
+    variant = ("champion", "challenger")[n % 2] if model in TESTED else "champion"
+    rng = np.random.default_rng(n)
+    if model == "diabetes":
+        truth = rng.normal(150, 50, 20).round(1)
+        prediction = (truth + rng.normal(0, 40, 20)).round(1)
+    else:
+        truth = rng.integers(0, 3, 20)
+        prediction = np.where(rng.random(20) < 0.8, truth, (truth + 1) % 3)
+    if url is not None and n % 3 == 0:
+        body = json.dumps({"variant": variant, "prediction": prediction.tolist(), "truth": truth.tolist()}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/v2/models/{model}/feedback", body, {"Content-Type": "application/json"}), timeout=10) as r:
+            recorded = json.loads(r.read())["recorded"]
+    elif n % 2:
+        recorded = rest.infer(model, feedback_inputs(httpclient, variant, prediction, truth), parameters={"feedback": True}).as_numpy("recorded")[0]
+    else:
+        answer = grpc.infer(model, feedback_inputs(grpcclient, variant, prediction, truth), parameters={"feedback": True}, headers=headers)
+        recorded = answer.as_numpy("recorded")[0]
+    if recorded != 20:
+        raise AssertionError(f"{model} feedback for {variant}: recorded {recorded} of 20")
+
+
 def _load(srv: Server, stop: threading.Event, failures: list) -> None:
-    """REST and gRPC to routed and direct models."""
+    """REST and gRPC to routed and direct models; feedback for the A/B models' variants."""
     rest = httpclient.InferenceServerClient(srv.url)
     grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc}")
-    targets = ["iris", "wine", "diabetes", "iris-champion", DIRECT]
+    targets = ["iris", "wine", "diabetes", "iris-champion", DIRECT, "feedback iris", "feedback diabetes"]
     n = 0
     while not stop.is_set():
         n += 1
+        target = targets[n % len(targets)]
         try:
-            _call(rest, grpc, targets[n % len(targets)], n)
+            if target.startswith("feedback "):
+                _feedback(rest, grpc, target.split()[1], n // len(targets), url=f"http://{srv.url}")
+            else:
+                _call(rest, grpc, target, n)
         except AssertionError as exc:
             failures.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - feedback must not fail
+            failures.append(f"{target}: {exc}")
 
 
 def _split(cluster, stop: threading.Event, failures: list) -> None:
@@ -85,9 +126,14 @@ def _split(cluster, stop: threading.Event, failures: list) -> None:
     while not stop.is_set():
         n += 1
         try:
-            _call(rest, grpc, POD_MODEL, n, cluster.grpc_headers(POD_MODEL))
+            if n % 4 == 0:
+                _feedback(rest, grpc, POD_MODEL, n // 4, cluster.grpc_headers(POD_MODEL))
+            else:
+                _call(rest, grpc, POD_MODEL, n, cluster.grpc_headers(POD_MODEL))
         except AssertionError as exc:
             failures.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - feedback must not fail
+            failures.append(f"feedback {POD_MODEL}: {exc}")
 
 
 @dataclass
@@ -171,8 +217,10 @@ def test_every_panel_query_returns_data_locally(scraped, name):
 
 @pytest.mark.parametrize("name", ["overview", "ab"])
 def test_every_traffic_panel_returns_data_for_variant_pods(scraped, name):
-    """In a cluster, from the pods' own series; shadow agreement is the router's alone (Seldon compares nothing)."""
-    problems = _empty_panels(scraped.prom, dashboards.DASHBOARDS[name](), CLUSTER, skip={dashboards.SHADOW_AGREEMENT})
+    """In a cluster, from the pods' own series; shadow agreement is the router's alone (Seldon compares nothing).
+    The pods here serve iris, a classifier: the MAE panel reads the same feedback series as the accuracy panel,
+    which the pods fill, and gets its data from the regressor locally."""
+    problems = _empty_panels(scraped.prom, dashboards.DASHBOARDS[name](), CLUSTER, skip=POD_SKIPPED)
     assert not problems, "\n".join(problems)
 
 
@@ -182,7 +230,7 @@ def test_per_variant_panels_show_each_variant_pod(scraped):
     weighted = {v for v, w in scraped.weights.items() if w > 0}
     per_variant = [
         (p["title"], t["expr"]) for p in dashboards.ab()["panels"] for t in p.get("targets", [])
-        if "{{variant}}" in t["legendFormat"] and p["title"] != dashboards.SHADOW_AGREEMENT
+        if "{{variant}}" in t["legendFormat"] and p["title"] not in POD_SKIPPED
     ]  # fmt: skip
     assert weighted and per_variant
     problems = []
@@ -235,7 +283,8 @@ def test_every_alert_sees_its_series_locally_and_in_variant_pods(scraped):
         cluster = [m for m in found if m.get("namespace") == seldon.NAMESPACE and m.get("model") == POD_MODEL]
         if not local or not cluster:
             problems.append(f"{alert}: {len(local)} local and {len(cluster)} pod series\n  {signal}")
-        if "$labels.variant" in rules[alert]["annotations"]["summary"] and {m.get("variant") for m in cluster} != set(scraped.weights):
+        compared = set(scraped.weights) - ({dashboards.CHAMPION} if alert == dashboards.QUALITY_ALERT else set())  # others vs the champion
+        if "$labels.variant" in rules[alert]["annotations"]["summary"] and {m.get("variant") for m in cluster} != compared:
             problems.append(f"{alert}: pod variants {[m.get('variant') for m in cluster]}")
     assert not problems, "\n".join(problems)
 
@@ -267,3 +316,26 @@ def test_process_and_lifecycle_metrics_are_exported(scraped):
     ready = {r["metric"]["model"]: r["value"][1] for r in scraped.prom.query(f"mlops_model_ready{local}")["data"]["result"]}
     assert ready and set(ready.values()) == {"1"}, ready
     assert {"iris", "wine", "diabetes", DIRECT} <= set(ready)
+
+
+def test_pod_series_are_stored_as_the_scrape_model_says(scraped, cluster):
+    """What Prometheus stored of each pod's MLServer and feedback series is what mlops.check.cluster predicts
+    (`mlops validate` checks with it): MLServer's under the pod's model and variant, feedback under the variant
+    it names, whichever pod recorded it, and nothing left as exported_variant."""
+    podmonitor = yaml.safe_load(PODMONITOR.read_text())
+    scrape = cluster_model.scrape_config(podmonitor)
+    names = (INFER_SUCCESS, f"{FEEDBACK}_total")
+    recorded_for = set()
+    for pod in cluster.pods_of(POD_MODEL):
+        meta = pod.meta(podmonitor)
+        port, path = cluster_model.served_metrics(pod.container, {}, cluster_model.server_settings(REPO))
+        with urllib.request.urlopen(f"http://{pod.ip}:{port}{path}", timeout=10) as r:
+            exposed = [{"__name__": s.name, **s.labels} for f in text_string_to_metric_families(r.read().decode()) for s in f.samples if s.name in names]
+        predicted = sorted(sorted(cluster_model.stored_series(scrape, meta, e).items()) for e in exposed)
+        selector = f'{{__name__=~"{"|".join(names)}", pod="{meta["__meta_kubernetes_pod_name"]}"}}'
+        stored = sorted(sorted(m.items()) for m in _series(scraped.prom, selector))
+        assert stored == predicted, pod.predictor.name
+        recorded_for |= {dict(m)["variant"] for m in stored if dict(m)["__name__"] == f"{FEEDBACK}_total"}
+        assert {dict(m)["variant"] for m in stored if dict(m)["__name__"] == INFER_SUCCESS} == {pod.labels["mlops/variant"]}
+    assert recorded_for == set(scraped.weights)
+    assert _series(scraped.prom, '{exported_variant!=""}') == []

@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 from conftest import REPO, Server, free_port, mlops, stop_group
 from tritonclient.utils import InferenceServerException
 
-from mlops.processes import wait_for
+from mlops.supervise.processes import wait_for
 
 COLUMNS = ["radius", "texture", "perimeter", "clinic"]
 ROWS = {"radius": [14.1, 20.6, 9.5], "texture": [19.3, 29.3, 12.4], "perimeter": [91.9, 140.1, 60.3], "clinic": ["north", "east", "south"]}
@@ -66,7 +66,7 @@ for name in ("doubler", "untrusted"):
 
 
 def _registry_env(project: Path) -> dict:
-    from mlops.registry import default_registry
+    from mlops.domain.registry import default_registry
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)

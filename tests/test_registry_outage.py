@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import Server, free_port, stop_group
 
-from mlops.processes import answers, wait_until
+from mlops.supervise.processes import answers, wait_until
 
 
 def _status(url: str) -> int:

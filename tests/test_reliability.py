@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import Server, children, in_registry, mlops, scrape
+from conftest import Server, children, in_registry, mlops, mlserver_process, scrape
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -481,7 +481,7 @@ def test_repaired_artifact_is_served_after_a_reload(broken, trained, expected):
 
 
 def inference_workers(srv: Server) -> list[int]:
-    (mlserver,) = [pid for pid, cmd in children(srv.proc.pid) if "mlserver" in cmd and " start " in cmd]
+    mlserver = mlserver_process(srv)
     return [pid for pid, cmd in children(mlserver) if "multiprocessing.spawn" in cmd]
 
 

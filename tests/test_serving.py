@@ -12,8 +12,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from mlops.processes import wait_until
-from mlops.registry import default_registry
+from mlops.domain.registry import default_registry
+from mlops.supervise.processes import wait_until
 from training.catalog import JOBS
 
 

@@ -1,7 +1,7 @@
 """SIGTERM under load: MLServer stops accepting, answers every request it accepted, and exits within the drain.
 
 A pod's MLServer process gets SIGTERM (after the operator's preStop sleep) and is killed when the grace
-period ends; `mlops serve` runs the same `mlserver start` as its child. This starts `mlops serve` on free
+period ends; `mlops serve` runs the same command as the image (runtimes/server.py) as its child. This starts `mlops serve` on free
 ports, loads the routed `iris` from threads over keep-alive REST connections and tritonclient gRPC (its
 defaults), sends SIGTERM to the MLServer process and keeps loading until it has exited. Every request
 either was not accepted or was answered:
@@ -43,12 +43,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import Server, children
+from conftest import Server, mlserver_process
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from mlops.processes import wait_for, wait_until
-from mlops.serve import LOOPBACK
+from mlops.supervise.processes import wait_for, wait_until
+from mlops.supervise.serve import LOOPBACK
 from runtimes.contract import DRAIN_SECONDS
 
 MODEL = "iris"
@@ -230,7 +230,7 @@ def iris_server(project):
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_within_the_drain(iris_server):
     srv = iris_server
-    (mlserver,) = [pid for pid, cmd in children(srv.proc.pid) if "mlserver" in cmd and " start " in cmd]
+    mlserver = mlserver_process(srv)
     load = Load()
     threads = [threading.Thread(target=rest_load, args=(srv.http, load)) for _ in range(REST_THREADS)]
     threads += [threading.Thread(target=grpc_load, args=(srv.grpc, load)) for _ in range(GRPC_THREADS)]

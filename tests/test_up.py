@@ -12,8 +12,8 @@ import urllib.request
 
 from conftest import MLOPS, free_port, mlops, new_project
 
-from mlops import dashboards
-from mlops.processes import answers, wait_until
+from mlops.render import dashboards
+from mlops.supervise.processes import answers, wait_until
 
 
 def _query(url: str, expr: str) -> list[dict]:

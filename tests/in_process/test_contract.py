@@ -4,15 +4,18 @@ hand-edited model-settings file that breaks it is refused at load, naming the fi
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO
 from mlserver.settings import ModelParameters, ModelSettings
 
-from mlops.registry import ResolvedVariant
-from mlops.spec import Trust
-from mlops.sync import router_settings, variant_settings
+from mlops.domain.registry import ResolvedVariant
+from mlops.domain.spec import Trust
+from mlops.render.sync import router_settings, variant_settings
 from runtimes.artifacts import ModelLoadError
-from runtimes.contract import RouterExtra, RuntimeExtra
+from runtimes.contract import MODEL_SETTINGS_DIR, RouterExtra, RuntimeExtra
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 from runtimes.router import RouterRuntime
 
@@ -62,3 +65,38 @@ def test_the_patches_refuse_an_mlserver_they_were_not_tested_with():
     mlserver_patches.check_version(mlserver.__version__)  # the installed one is the tested one
     with pytest.raises(mlserver_patches.UntestedMLServer, match=r"MLServer 1\.8\.0 is installed; .* patch MLServer 1\.7\.1 .* install mlserver==1\.7\.1"):
         mlserver_patches.check_version("1.8.0")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """In a fresh interpreter: this session has imported MLServer in ways that are not the point here."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_importing_the_runtimes_changes_nothing_in_mlserver():
+    """Only the serving entry point changes MLServer; the CLI, the tests and `mlserver start` import the runtimes as they are."""
+    proc = run_python(
+        "import sys, fastapi, uvicorn, mlserver.server as server, mlserver.grpc.converters as conv, mlserver.grpc.utils as gu\n"
+        "from mlserver.parallel.dispatcher import Dispatcher\n"
+        "from mlserver.parallel.model import ParallelModel\n"
+        "state = lambda: (fastapi.FastAPI.__call__, uvicorn.Server.serve, server.MLServer.stop, server.MLServer._create_servers,\n"
+        "    conv.ModelInferRequestConverter.__dict__['to_types'], Dispatcher._get_worker, ParallelModel.load, dict(gu.STATUS_CODE_MAPPING))\n"
+        "before = state()\n"
+        "import runtimes.registry_sklearn, runtimes.router, runtimes.rest, runtimes.drain, runtimes.feedback\n"
+        "assert state() == before, 'an import changed MLServer'\n"
+        "assert 'runtimes.mlserver_patches' not in sys.modules\n"
+        "from runtimes import mlserver_patches; mlserver_patches.apply()\n"
+        "assert state() != before  # the check above would see a patch\n"
+        "print('ok')"
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_serving_entry_point_refuses_an_untested_mlserver_before_serving():
+    proc = run_python(
+        "import sys, mlserver; mlserver.__version__ = '1.8.0'\n"
+        "from runtimes import server\n"
+        f"sys.argv = ['runtimes.server', 'start', {str(REPO / MODEL_SETTINGS_DIR)!r}]\n"
+        "server.main()"
+    )
+    assert proc.returncode != 0 and "MLServer 1.8.0 is installed" in proc.stderr and "install mlserver==1.7.1" in proc.stderr, proc.stderr
+    assert "HTTP server running" not in proc.stderr + proc.stdout

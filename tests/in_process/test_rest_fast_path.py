@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import in_registry
 from mlserver.errors import InferenceError
-from mlserver.handlers import DataPlane, ModelRepositoryHandlers
+from mlserver.handlers import ModelRepositoryHandlers
 from mlserver.model import MLModel
-from mlserver.registry import MultiModelRegistry
 from mlserver.repository import SchemalessModelRepository
 from mlserver.rest.app import create_app
 from mlserver.settings import ModelParameters, ModelSettings, Settings
@@ -93,25 +92,20 @@ def call(app, path, body: bytes, headers=JSON, method="POST", raw_body=False):
 
 
 @pytest.fixture(scope="module")
-def apps(trained):
+def apps(trained, mlserver_data_plane):
     """Two MLServer REST apps over one data plane: the fast path on, and off."""
     uri = in_registry(trained, "print(client.get_model_version_download_uri('iris', '1'))")
-    settings = Settings(**json.loads(SERVER_SETTINGS.read_text()))
-    registry = MultiModelRegistry()
+    settings, data_plane, registry = mlserver_data_plane
 
     async def load():
         await registry.load(ModelSettings(name="echo", implementation=Echo))
         await registry.load(ModelSettings(name="iris", implementation=RegistrySKLearnRuntime, parameters=ModelParameters(uri=uri, version="1")))
 
     asyncio.run(load())
-    rest.apply()
-    data_plane = DataPlane(settings=settings, model_registry=registry)
     handlers = ModelRepositoryHandlers(repository=SchemalessModelRepository(""), model_registry=registry)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(rest.SWITCH, "0")
-        full = create_app(settings, data_plane, handlers)
-        call(full, "/v2/health/live", b"", method="GET")  # the switch is read on an app's first request
-    fast = create_app(settings, data_plane, handlers)
+    full = create_app(settings, data_plane, handlers)  # MLServer's app, as `mlserver start` serves it
+    fast = rest.Edge(create_app(settings, data_plane, handlers))  # as runtimes/server.py serves it
+    assert fast.fast
     return full, fast
 
 
@@ -153,7 +147,7 @@ def delta(before: dict, after: dict) -> dict:
 def test_fast_path_answers_and_counts_as_mlserver_does(apps, case, monkeypatch):
     full, fast = apps
     taken = []
-    monkeypatch.setattr(rest.FastInfer, "_observe", lambda self, *a, _o=rest.FastInfer._observe: (taken.append(a), _o(self, *a)))
+    monkeypatch.setattr(rest.Counted, "observe", lambda self, *a, _o=rest.Counted.observe: (taken.append(a), _o(self, *a)))
     path, body, headers = CASES[case]
 
     before = rest_requests()
@@ -178,13 +172,23 @@ def test_a_bug_in_a_model_is_a_500_counted_as_one(apps):
         assert [(dict(k)["status_code"], v) for k, v in delta(before, rest_requests()).items()] == [("500", 1)]
 
 
-def test_middleware_the_fast_path_does_not_reproduce_keeps_the_full_stack(apps):
-    """MLServer's defaults turn GZip on: then every request takes MLServer's own road."""
+def test_middleware_the_fast_path_does_not_reproduce_keeps_the_full_stack(apps, monkeypatch):
+    """MLServer's defaults turn GZip on: then every request takes MLServer's own road, and so it does when switched off."""
     _, fast = apps
-    gzipped = create_app(Settings(gzip_enabled=True), fast.__dict__[rest._ATTR]._data_plane, None)
-    status, _, content = call(gzipped, "/v2/models/iris/infer", json.dumps(IRIS_ROW).encode())
-    assert status == 200 and content["outputs"][0]["data"] == [0]
-    assert gzipped.__dict__[rest._ATTR] is False
+    gzipped = rest.Edge(create_app(Settings(gzip_enabled=True), fast._data_plane, None))
+    monkeypatch.setenv(rest.SWITCH, "0")
+    switched_off = rest.Edge(create_app(Settings(), fast._data_plane, None))
+    for app in (gzipped, switched_off):
+        assert not app.fast
+        status, _, content = call(app, "/v2/models/iris/infer", json.dumps(IRIS_ROW).encode())
+        assert status == 200 and content["outputs"][0]["data"] == [0]
+
+
+def test_the_edge_is_the_app_for_everything_but_inference(apps):
+    """MLServer adds custom handlers' routes to the app instance it built: through the Edge they reach it."""
+    _, fast = apps
+    assert fast.routes is fast.app.routes and fast.router is fast.app.router
+    assert call(fast, "/v2/health/ready", b"", method="GET")[0] == 200
 
 
 FORM = [(b"content-type", b"application/x-www-form-urlencoded")]  # curl -d without -H 'Content-Type: application/json'
@@ -248,3 +252,23 @@ def test_binary_data_that_does_not_add_up_is_a_400_saying_where(apps, cut, messa
     body, length = cut(body, length)
     status, _, content = call(fast, "/v2/models/iris/infer", body, [(key, length)])
     assert status == 400 and message in content["error"], content
+
+
+def test_binary_and_form_requests_reach_mlservers_own_stack_as_json(apps):
+    """With the short road off (GZip configured), the edge still reads what MLServer cannot and hands it the JSON request."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    full, fast = apps
+    slow = rest.Edge(create_app(Settings(gzip_enabled=True), fast._data_plane, None))
+    assert not slow.fast
+    inp = httpclient.InferInput("input-0", [2, 4], "FP64")
+    inp.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]))
+    body, headers = _binary([inp], [httpclient.InferRequestedOutput("predict")], "r-2")
+    status, got_headers, content = call(slow, "/v2/models/iris/infer", body, headers)
+    assert status == 200 and "inference-header-content-length" not in got_headers, content
+    assert content["outputs"][0]["data"] == [0, 2]  # in JSON, which tritonclient reads too
+    row = json.dumps(IRIS_ROW).encode()
+    assert call(slow, "/v2/models/iris/infer", row, FORM) == call(full, "/v2/models/iris/infer", row)
+    status, _, content = call(slow, "/v2/models/iris/infer", body[:-3], headers)
+    assert status == 400 and "does not fit" in content["error"], content

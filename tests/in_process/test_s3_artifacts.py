@@ -17,7 +17,7 @@ from conftest import free_port, in_registry
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, RequestInput, RequestOutput
 
-from mlops.processes import wait_for
+from mlops.supervise.processes import wait_for
 from runtimes.artifacts import ModelLoadError
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +16,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from runtimes.contract import GRPC_PORT, HTTP_PORT, LOOPBACK, METRICS_PORT, ROUTER, RouterExtra
+from runtimes.contract import GRPC_PORT, HTTP_PORT, LOOPBACK, METRICS_PORT, ROUTER, SERVER_MODULE, RouterExtra
 
+from ..domain.registry import Registry
 from .processes import wait_for
-from .registry import Registry
 
 EVERY_INTERFACE = ("0.0.0.0", "::")
 
@@ -39,8 +38,8 @@ class Ports:
 
 
 def mlserver_command(settings_dir: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("mlserver")
-    return [str(exe) if exe.exists() else (shutil.which("mlserver") or "mlserver"), "start", str(settings_dir)]
+    """What the image runs (Dockerfile CMD): MLServer's `start` through the project's serving entry point."""
+    return [sys.executable, "-m", SERVER_MODULE, "start", str(settings_dir)]
 
 
 class ServerError(Exception):
@@ -138,7 +137,7 @@ def banner(settings_dir: Path, registry: Registry, ports: Ports, prometheus_url:
 
 
 def serve(settings_dir: Path, registry: Registry, ports: Ports, echo=print, prometheus_port: int | None = None) -> int:
-    """With prometheus_port, also a Prometheus (see mlops/prometheus.py) that lives and dies with the server."""
+    """With prometheus_port, also a Prometheus (see mlops/supervise/prometheus.py) that lives and dies with the server."""
     with tempfile.TemporaryDirectory(prefix="mlserver-metrics-") as metrics_dir, contextlib.ExitStack() as stack:
         prom = None
         if prometheus_port is not None:

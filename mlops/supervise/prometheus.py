@@ -104,7 +104,7 @@ class Prometheus:
 
 def beside_server(workdir: Path, port: int, metrics_port: int, metrics_host: str = LOOPBACK) -> Prometheus:
     """Scrape the local MLServer's metrics port every 5 s and evaluate the serving alerts, ready to query."""
-    from .dashboards import prometheus_rule
+    from ..render.dashboards import prometheus_rule
 
     prom = Prometheus(workdir, port, [scrape_job("mlserver", [f"{metrics_host}:{metrics_port}"])], {"mlops-serving.yaml": rule_file(prometheus_rule())})
     try:

@@ -12,7 +12,7 @@ environment variables name the model and its pinned `models:/<model>/<version>` 
 runtime downloads that version from the MLflow registry inside the cluster. The graph node has
 no `modelUri` or `implementation`, so Seldon adds no storage initializer and no prepackaged server.
 
-A/B under Seldon Core 1.18.2 (`mlops/cluster.py` derives all of this and cites the source):
+A/B under Seldon Core 1.18.2 (`mlops/check/cluster.py` derives all of this and cites the source):
 every predictor of a model serves the same name, the public one (`iris`), as its graph node, its
 container and its MLServer model. The executor calls `/v2/models/<the name in the client's path>`
 on the predictor Istio picked, so with per-variant names a client's name would be missing from all
@@ -44,8 +44,8 @@ import yaml
 
 from runtimes.contract import EXTRA_ENV, GRPC_PORT, HTTP_PORT, METRICS_PORT, RUNTIME, VARIANT_WEIGHT, RuntimeExtra
 
-from .registry import ResolvedVariant
-from .spec import NO_AUTH, DeploymentSpec, Environment, Trust
+from ..domain.registry import ResolvedVariant
+from ..domain.spec import NO_AUTH, DeploymentSpec, Environment, Trust
 
 SERVING_IMAGE = "ghcr.io/example/mlops-serving:0.1.0"  # built from ./Dockerfile; keep in step with the project version
 CREDENTIALS_SECRET = "mlflow-credentials"  # lives in the cluster: MLFLOW_TRACKING_URI/_USERNAME/_PASSWORD, artifact-store keys
@@ -154,7 +154,7 @@ def _patch(variants: list[ResolvedVariant], weights: dict[str, int], env: Enviro
         else:
             ops.append({"op": "add", "path": f"{at}/replicas", "value": env.replicas})
         if i == 0 and env.least_replicas > 1:
-            # One PDB per SeldonDeployment: the operator's selects every pod of it (mlops/cluster.py).
+            # One PDB per SeldonDeployment: the operator's selects every pod of it (mlops/check/cluster.py).
             ops.append({"op": "add", "path": f"{at}/componentSpecs/0/pdbSpec", "value": {"maxUnavailable": 1}})
         resources = {"requests": {"cpu": env.cpu, "memory": env.memory}, "limits": {"memory": env.memory}}
         ops.append({"op": "add", "path": f"{at}/componentSpecs/0/spec/containers/0/resources", "value": resources})

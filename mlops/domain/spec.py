@@ -76,6 +76,54 @@ class Trust(_Strict):
         return extra
 
 
+DURATION_RE = r"^[0-9]+(s|m|h|d|w)$"  # a Prometheus range duration such as 30m, 12h, 7d
+
+
+def _duration(value: str) -> str:
+    if not re.match(DURATION_RE, value) or not int(value[:-1]):
+        raise ValueError("must be a Prometheus duration such as 30m, 12h or 7d")
+    return value
+
+
+class Guardrails(_Strict):
+    """Checked on the challenger's live traffic whatever the comparison says; a breach means rollback."""
+
+    error_ratio: float = Field(default=0.05, gt=0, lt=1)  # max fraction of its requests answered with a server error
+    p99_seconds: float = Field(default=0.5, gt=0)  # max p99 latency
+    min_requests: int = Field(default=100, ge=1)  # judged only past this many challenger requests
+    window: str = "10m"  # the recent traffic they are judged on
+
+    @field_validator("window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        return _duration(value)
+
+
+class Rollout(_Strict):
+    """A/B promotion of `challenger` over `champion` by `mlops promote` (Flagger's analysis vocabulary).
+
+    Each run compares the variants' feedback outcomes with an always-valid sequential test and decides:
+    promote (a better challenger at `max_weight`: the registry aliases move), step (a better challenger
+    below it gains `step_weight`), hold (undecided), or rollback (a worse challenger or a guardrail breach).
+    Promotion moves registry aliases, so both variants must name an `alias`, not pin a `version`.
+    """
+
+    champion: str = "champion"  # variant names
+    challenger: str = "challenger"
+    metric: Literal["accuracy", "mae"]  # accuracy (classifiers, higher is better) or mae (regressors, lower is better)
+    min_samples: int = Field(default=200, ge=30)  # feedback outcomes per variant before any decision
+    alpha: float = Field(default=0.05, gt=0, le=0.2)  # false-promotion rate the test holds under repeated looks
+    step_weight: int = Field(default=10, ge=1, le=100)  # weight points the challenger gains per step
+    max_weight: int = Field(default=50, ge=1, le=100)  # the challenger's weight at which a better one is promoted
+    window: str = "7d"  # how far back promote reads outcomes
+    guardrails: Guardrails = Field(default_factory=Guardrails)
+
+    @field_validator("window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        return _duration(value)
+
+
 class Model(_Strict):
     variants: dict[str, Variant] = Field(min_length=1)
     environments: dict[str, EnvironmentOverride] = Field(default_factory=dict)
@@ -83,6 +131,7 @@ class Model(_Strict):
     # the live variants that loaded, their weights scaled up in proportion.
     fallback: bool = False
     trust: Trust = Field(default_factory=Trust)
+    rollout: Rollout | None = None  # A/B promotion by `mlops promote`; none: weights change only by hand
 
     def weights(self, env: str | None = None) -> dict[str, int]:
         """Weights of the live (non-shadow) variants, with `env`'s overrides applied."""
@@ -202,7 +251,26 @@ class DeploymentSpec(_Strict):
                 if sum(weights.values()) != 100:
                     detail = " + ".join(f"{n}={w}" for n, w in weights.items())
                     raise ValueError(f"{where}: weights must sum to 100 (got {detail} = {sum(weights.values())})")
+            if model.rollout is not None:
+                _check_rollout(mname, model, model.rollout)
         return self
+
+
+def _check_rollout(mname: str, model: Model, rollout: Rollout) -> None:
+    where = f"models.{mname}.rollout"
+    for role in ("champion", "challenger"):
+        vname = getattr(rollout, role)
+        variant = model.variants.get(vname)
+        if variant is None:
+            raise ValueError(f"{where}.{role}: no such variant '{vname}' (variants: {', '.join(model.variants)})")
+        if variant.shadow:
+            raise ValueError(f"{where}.{role}: variant '{vname}' is a shadow; an A/B rollout needs live variants that take weight")
+        if variant.alias is None:
+            raise ValueError(f"{where}.{role}: variant '{vname}' pins version {variant.version}; promotion moves registry aliases, so it must name an alias")
+    if rollout.champion == rollout.challenger:
+        raise ValueError(f"{where}.challenger: must be a different variant from the champion ('{rollout.champion}')")
+    if rollout.max_weight < rollout.step_weight:
+        raise ValueError(f"{where}.max_weight: must be at least step_weight ({rollout.step_weight}) (got {rollout.max_weight})")
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

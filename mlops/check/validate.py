@@ -8,10 +8,10 @@ Kustomizations point at (`spec.path`, relative to the project root), and checks 
   because the API server or Flux would reject or silently drop them;
 - project rules: live traffic sums to 100, models pinned to registry versions, no `latest`
   images, no plaintext Secrets, Grafana dashboards that Grafana can load;
-- cluster behaviour, per environment (mlops/cluster.py): what Seldon's operator and executor and
+- cluster behaviour, per environment (mlops/check/cluster.py): what Seldon's operator and executor and
   Istio make of it: every predictor serves the name clients call, no env the operator would drop,
   the PodMonitor scrapes where MLServer serves metrics, a Gateway that the routes bind to;
-- secrets (mlops/plaintext.py): no password, key or token in plaintext in any rendered object and,
+- secrets (mlops/check/plaintext.py): no password, key or token in plaintext in any rendered object and,
   from `mlops validate`, in any file of the repository.
 
 Each error reads `<rendered path> (<Kind>/<name>): <field>: <problem>`.
@@ -35,8 +35,8 @@ import yaml
 
 from runtimes.contract import SELDON_DIR, SPEC_FILE
 
+from ..domain.spec import NO_AUTH, PRODUCTION, DeploymentSpec, SpecError, load_spec
 from . import cluster, plaintext
-from .spec import NO_AUTH, PRODUCTION, DeploymentSpec, SpecError, load_spec
 
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the clusters run
 CRDS_ENV = "MLOPS_CRDS_DIR"

@@ -1,12 +1,29 @@
-"""Waiting for and stopping the processes the CLI runs (MLServer, Prometheus, the registry server);
-the tests and the benchmark wait and stop theirs the same way."""
+"""Ports for, waiting for and stopping the processes the CLI runs (MLServer, Prometheus, the registry
+server); the tests and the benchmark start, wait for and stop theirs the same way."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+
+from runtimes.contract import LOOPBACK
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, never one this process handed out before: binding port 0
+    twice in a row may give the same port, and two listeners of one server told to share it collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(done: Callable[[], bool], timeout: float, procs: Sequence[subprocess.Popen] = (), interval: float = 0.5) -> bool:

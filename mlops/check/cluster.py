@@ -39,6 +39,15 @@ The executor (executor/api/rest/server.go 185-191) routes only `POST /v2/models/
 (predictor_process.go 87-92, rest/client.go 266-280; gRPC forwards model_name unchanged,
 grpc/kfserving/server.go 76-88), and answers ready and metadata only for a graph node of that name
 (predictor_process.go 470-484). So every predictor of an A/B deployment serves the same model name.
+Before forwarding a REST inference body it parses it as JSON and needs an object with `inputs` (api/rest/
+kfserving.go 10-36, called through predictor_process.go 95-113): request `parameters` pass, so feedback sent
+as an inference request reaches the pod (runtimes/feedback.py), while tritonclient's binary tensor data
+(bytes after the JSON header) is a 500; gRPC passes the ModelInferRequest as it is, parameters included.
+
+Prometheus, as prometheus-operator v0.93.0 configures it from the PodMonitor (`scrape_config`,
+`stored_series`), gives a variant pod's series the pod's labels as target labels; `podmonitor_problems`
+checks that MLServer's series are stored with the pod's model and variant, and feedback series with the
+variant they name (which may be another pod's).
 """
 
 from __future__ import annotations
@@ -49,9 +58,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtimes.contract import DRAIN_SECONDS, METRICS_PORT, MODEL_SETTINGS_DIR
+from runtimes.contract import DRAIN_SECONDS, FEEDBACK, INFER_SUCCESS, METRICS_PORT, MODEL_SETTINGS_DIR
 
-from . import seldon
+from ..render import seldon
 
 # seldon-core-operator chart defaults (helm-charts/seldon-core-operator/values.yaml at v1.18.2: 17-20,
 # 41, 61-62, 122-125) and the operator's constants (operator/constants/constants.go 20-21, 45-46).
@@ -568,15 +577,186 @@ def deployment_problems(dep: Deployment, chart: Chart, image_env: dict[str, str]
     return problems
 
 
-def podmonitor_problems(objects: list[dict], deployments: list[Deployment], image_env: dict[str, str], settings: dict) -> list[tuple[str, str]]:
-    """Each PodMonitor endpoint that selects model pods must scrape where their MLServer serves metrics."""
+# --- what Prometheus stores of a pod's series -----------------------------------------------------
+#
+# prometheus-operator v0.93.0 (pkg/prometheus/promcfg.go) makes one scrape job per PodMetricsEndpoint
+# (generatePodMonitorConfig, 1447-1693): honor_labels from `honorLabels`, forced false when the
+# Prometheus sets overrideHonorLabels (AddHonorLabels, 499-507; 1462); the target labels namespace,
+# container and pod (1601-1614), one per podTargetLabels entry (1617-1625), job "<namespace>/<name>" of
+# the PodMonitor (1632-1635), endpoint = the port's name (1645-1649), then the endpoint's `relabelings`
+# (1660-1661); its `metricRelabelings` become metric_relabel_configs (1684-1690), actions lower-cased
+# (2396-2433). Prometheus merges each scraped series with its target's labels (scrape/scrape.go
+# mutateSampleLabels, 588-635 at v3.11.0, 665-721 at v2.42.0): with honor_labels false every target label
+# is set and a scraped value of the same name moves to exported_<name>; with true the scraped value wins;
+# metric_relabel_configs run last, on the merged labels (model/relabel/relabel.go 312-334 at v3.11.0: a
+# replace whose result is empty deletes the target label).
+
+KUBE_PROMETHEUS_STACK = "kube-prometheus-stack"
+
+
+def _sanitize(label: str) -> str:
+    """A Kubernetes label name as a Prometheus label name (the __meta_kubernetes_pod_label_* suffix)."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def _snake(relabeling: dict) -> dict:
+    """A RelabelConfig of the CRD (camelCase) as Prometheus reads it (snake_case, lower-case action)."""
+    out = {re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in relabeling.items()}
+    if "action" in out:
+        out["action"] = str(out["action"]).lower()
+    return out
+
+
+def override_honor_labels(objects: list[dict]) -> bool:
+    """kube-prometheus-stack's prometheus.prometheusSpec.overrideHonorLabels (default false)."""
+    for release in (o for o in objects if o.get("kind") == "HelmRelease" and _chart_name(o) == KUBE_PROMETHEUS_STACK):
+        values = (release.get("spec") or {}).get("values") or {}
+        return bool(((values.get("prometheus") or {}).get("prometheusSpec") or {}).get("overrideHonorLabels"))
+    return False
+
+
+def scrape_config(podmonitor: dict, index: int = 0, override_honor: bool = False) -> dict:
+    """The scrape job's label handling for one PodMetricsEndpoint, in Prometheus' own keys (the pod selection,
+    a set of keep rules on the same meta labels, is left out)."""
+    meta, spec = podmonitor.get("metadata") or {}, podmonitor.get("spec") or {}
+    ep = (spec.get("podMetricsEndpoints") or [])[index]
+    relabel_configs = [
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        *({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(label)}"], "target_label": _sanitize(label), "regex": "(.+)", "replacement": "${1}"}
+          for label in spec.get("podTargetLabels") or []),
+        {"target_label": "job", "replacement": f"{meta.get('namespace', '')}/{meta.get('name', '')}"},
+        *([{"target_label": "endpoint", "replacement": ep["port"]}] if ep.get("port") else []),
+        *(_snake(r) for r in ep.get("relabelings") or []),
+    ]  # fmt: skip
+    out = {"honor_labels": bool(ep.get("honorLabels")) and not override_honor, "relabel_configs": relabel_configs}
+    if ep.get("metricRelabelings"):
+        out["metric_relabel_configs"] = [_snake(r) for r in ep["metricRelabelings"]]
+    return out
+
+
+def _go_expand(match: re.Match, template: str) -> str:
+    """Go's Regexp.Expand: $1, ${1}, $name, ${name} (a name takes every letter, digit and _ it can), $$."""
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(2)
+        if name.isdigit():
+            return (match.group(int(name)) or "") if int(name) <= match.re.groups else ""
+        return match.groupdict().get(name) or ""
+
+    return re.sub(r"\$\$|\$\{(\w+)\}|\$(\w+)", one, template)
+
+
+def relabel(labels: dict[str, str], configs: list[dict]) -> dict[str, str] | None:
+    """Prometheus' relabelling (model/relabel/relabel.go) of one label set; None when it is dropped.
+    Actions replace, keep, drop, labelmap, labeldrop, labelkeep; regexes are anchored."""
+    out = dict(labels)
+    for rc in configs:
+        action, regex = rc.get("action", "replace"), re.compile(rc.get("regex", "(.*)"))
+        if action in ("labeldrop", "labelkeep"):
+            out = {k: v for k, v in out.items() if bool(regex.fullmatch(k)) == (action == "labelkeep")}
+            continue
+        if action == "labelmap":
+            for k, v in list(out.items()):
+                if m := regex.fullmatch(k):
+                    out[_go_expand(m, rc.get("replacement", "$1"))] = v
+            continue
+        value = rc.get("separator", ";").join(out.get(name, "") for name in rc.get("source_labels") or [])
+        m = regex.fullmatch(value)
+        if action == "keep" and m is None or action == "drop" and m is not None:
+            return None
+        if action == "replace" and m is not None:
+            target, result = _go_expand(m, rc["target_label"]), _go_expand(m, rc.get("replacement", "$1"))
+            if result:
+                out[target] = result
+            else:
+                out.pop(target, None)
+        elif action not in ("keep", "drop", "replace"):
+            raise ValueError(f"relabel action {action!r} is not modelled")
+    return {k: v for k, v in out.items() if v != ""}
+
+
+def pod_meta(namespace: str, deployment: str, predictor: Predictor, port_name: str, address: str = "") -> dict[str, str]:
+    """The Kubernetes service discovery's labels of a predictor's pod (one replica), for `stored_series`."""
+    meta = {f"__meta_kubernetes_pod_label_{_sanitize(k)}": v for k, v in predictor.labels.items()}
+    meta.update({
+        "__meta_kubernetes_namespace": namespace,
+        "__meta_kubernetes_pod_name": f"{deployment}-{predictor.name}-0",
+        "__meta_kubernetes_pod_container_name": predictor.container.name if predictor.container else predictor.graph_name,
+        "__meta_kubernetes_pod_container_port_name": port_name,
+        "__address__": address,
+    })  # fmt: skip
+    return {k: v for k, v in meta.items() if v}
+
+
+def stored_series(scrape: dict, meta: dict[str, str], exposed: dict[str, str]) -> dict[str, str] | None:
+    """The labels Prometheus stores for a series the pod exposes (`exposed`, with __name__): the target's
+    labels merged by honor_labels, then metric_relabel_configs; None when a rule drops it."""
+    target = relabel(meta, scrape["relabel_configs"])
+    if target is None:
+        return None
+    if "instance" not in target and target.get("__address__"):
+        target["instance"] = target["__address__"]
+    target = {k: v for k, v in target.items() if not k.startswith("__")}
+    merged = dict(exposed)
+    if scrape.get("honor_labels"):
+        merged.update({k: v for k, v in target.items() if not exposed.get(k)})
+    else:
+        conflicts = sorted(((k, exposed[k]) for k in target if exposed.get(k)), key=lambda kv: len(kv[0]))
+        merged.update(target)
+        for name, value in conflicts:
+            while merged.get(name := f"exported_{name}"):
+                pass
+            merged[name] = value
+    return relabel(merged, scrape.get("metric_relabel_configs") or [])
+
+
+def _label_problems(scrape: dict, dep: Deployment, port_name: str) -> list[str]:
+    """A pod's MLServer series must be stored under the pod's model and variant (the dashboards' pod form),
+    and the feedback it records under the variant the feedback names, which may be another pod's."""
     out = []
+    live = [p.labels.get(f"{seldon.LABEL}variant", "") for p in dep.predictors if not p.shadow]
+    for p in dep.predictors:
+        if p.container is None:
+            continue
+        meta = pod_meta(dep.namespace, dep.name, p, port_name)
+        model, own = p.labels.get(f"{seldon.LABEL}model"), p.labels.get(f"{seldon.LABEL}variant")
+        served = stored_series(scrape, meta, {"__name__": INFER_SUCCESS, "model": p.graph_name})
+        if served is None or (served.get("model"), served.get("variant")) != (model, own):
+            got = "dropped" if served is None else f"model={served.get('model')!r} variant={served.get('variant')!r}"
+            out.append(f"predictor '{p.name}': MLServer's series would be stored {got}, not under the pod's model={model!r} variant={own!r}")
+        if p.shadow:
+            continue  # a shadow records no feedback
+        named = next((v for v in live if v != own), own)
+        fb = stored_series(scrape, meta, {"__name__": f"{FEEDBACK}_total", "model": p.graph_name, "variant": named, "outcome": "correct"})
+        exported = sorted(k for k in fb or {} if k.startswith("exported_") and k.endswith("variant"))
+        if fb is None or fb.get("variant") != named or fb.get("model") != model or exported:
+            got = "dropped" if fb is None else f"variant={fb.get('variant')!r}" + "".join(f" {k}={fb[k]!r}" for k in exported)
+            out.append(
+                f"predictor '{p.name}': feedback it records for variant {named!r} ({FEEDBACK}_total{{variant=\"{named}\"}}) would be stored {got}: "
+                "with honor_labels false the pod's target label `variant` wins and the series' own moves to exported_variant "
+                "(Prometheus scrape/scrape.go mutateSampleLabels); restore it in metricRelabelings"
+            )
+    return out
+
+
+def podmonitor_problems(objects: list[dict], deployments: list[Deployment], image_env: dict[str, str], settings: dict) -> list[tuple[str, str]]:
+    """Each PodMonitor endpoint that selects model pods must scrape where their MLServer serves metrics, and
+    store the pods' series under the labels the dashboards read."""
+    out = []
+    override = override_honor_labels(objects)
     for pm in (o for o in objects if o.get("kind") == "PodMonitor"):
         selector = (pm.get("spec") or {}).get("selector") or {}
         keys = [e.get("key", "") for e in selector.get("matchExpressions") or []] + list(selector.get("matchLabels") or {})
         if not any(k.startswith(seldon.LABEL) for k in keys):
             continue
         for i, ep in enumerate(pm["spec"].get("podMetricsEndpoints") or []):
+            scrape = scrape_config(pm, i, override)
+            for dep in deployments:
+                out += [(_where(pm), f"podMetricsEndpoints[{i}]: {dep.name} {problem}") for problem in _label_problems(scrape, dep, ep.get("port", ""))]
             missed = []
             for dep in deployments:
                 for p in dep.predictors:

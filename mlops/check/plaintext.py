@@ -7,7 +7,7 @@ Two scans, both run by `mlops validate`:
   (`scheme://user:password@host`) in any text file; in YAML, JSON and env-style files
   (`.env`, `.ini`, `.cfg`, `.toml`, `.properties`, Dockerfile) also password/token/secret keys
   with a literal value;
-- every rendered object of every `clusters/<env>` (see mlops/validate.py): the same patterns in
+- every rendered object of every `clusters/<env>` (see mlops/check/validate.py): the same patterns in
   any string, and secret-named fields or `env` entries with literal values. Secret objects' data
   are the `no plaintext Secret` rule's, and SOPS-encrypted ones are fine.
 

@@ -90,6 +90,7 @@ class ResolvedVariant:
     alias: str | None  # the alias it was resolved from, if any
     weight: int
     shadow: bool
+    live_variants: tuple[str, ...] = ()  # the model's live variants, whose feedback a live variant's runtime records
 
     @property
     def served_name(self) -> str:
@@ -111,7 +112,10 @@ class ResolvedVariant:
         `variant` is what the runtime reports as the answer's `parameters.variant`: in a cluster each
         pod serves the public name, so this is how a client learns which variant answered.
         """
-        return {"registered_model": self.model, "variant": self.name, "alias": self.alias, "shadow": self.shadow}
+        extra = {"registered_model": self.model, "variant": self.name, "alias": self.alias, "shadow": self.shadow}
+        if self.live_variants and not self.shadow:
+            extra["live_variants"] = list(self.live_variants)
+        return extra
 
 
 def _describe(exc: Exception) -> str:
@@ -162,6 +166,7 @@ def resolve(spec: DeploymentSpec, registry: Registry, spec_name: str = SPEC_FILE
                     alias=variant.alias,
                     weight=variant.weight,
                     shadow=variant.shadow,
+                    live_variants=tuple(n for n, v in model.variants.items() if not v.shadow),
                 )
             )
         _check_one_interface(client, registry, f"{spec_name}: models.{mname}.variants", variants)

@@ -1,0 +1,1 @@
+"""Domain: the deployment spec and the MLflow registry; imports nothing of mlops."""

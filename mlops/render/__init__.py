@@ -1,0 +1,1 @@
+"""Renderers: spec + registry to the generated files (model-settings/, seldon/, dashboards, alerts); import the domain."""

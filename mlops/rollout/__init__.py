@@ -1,0 +1,1 @@
+"""Rollout: the statistics behind promoting a challenger over the champion; pure numpy, imports nothing of mlops."""
