@@ -58,6 +58,7 @@ class Variant:
     weight: int
     shadow: bool
     model: MLModel
+    counted: tuple = ()  # a live variant's labelled (ok, client_error, error, latency) series, looked up once at load
 
 
 def bucket(key: str) -> int:
@@ -132,9 +133,8 @@ class RouterRuntime(ReportedModel):
             m.weight.labels(self.name, v.name).set(0 if v.shadow else v.weight * 100 / total)
             # Each outcome's series from 0: Prometheus' increase() misses what a series counted before its first scrape.
             role = "shadow" if v.shadow else "live"
-            for outcome in ("ok", "error", "dropped") if v.shadow else ("ok", "client_error", "error"):
-                m.requests.labels(self.name, v.name, role, outcome)
-            m.latency.labels(self.name, v.name, role)
+            outcomes = [m.requests.labels(self.name, v.name, role, o) for o in (("ok", "error", "dropped") if v.shadow else ("ok", "client_error", "error"))]
+            v.counted = (*outcomes, m.latency.labels(self.name, v.name, role))
         for name in failed:
             m.weight.labels(self.name, name).set(0)
         if failed:
@@ -198,18 +198,18 @@ class RouterRuntime(ReportedModel):
         if payload.parameters is not None and (answer := self._feedback_answer(payload)) is not None:
             return answer  # for a variant, recorded here: no variant answers it, no shadow gets a copy
         variant = self.choose(routing_key(payload))
-        m = self._metrics
+        ok, client_error, error, latency = variant.counted
         start = time.perf_counter()
         try:
             response = await variant.model.predict(payload)
         except InferenceError:
-            m.requests.labels(self.name, variant.name, "live", "client_error").inc()
+            client_error.inc()
             raise
         except Exception:
-            m.requests.labels(self.name, variant.name, "live", "error").inc()
+            error.inc()
             raise
-        m.latency.labels(self.name, variant.name, "live").observe(time.perf_counter() - start)
-        m.requests.labels(self.name, variant.name, "live", "ok").inc()
+        latency.observe(time.perf_counter() - start)
+        ok.inc()
         for shadow in self._shadows:
             self._enqueue_shadow(shadow, payload, response)
         response.model_name = self.name
