@@ -31,7 +31,7 @@ from .sequential import Arm, Evidence, compare
 from .weights import set_weights
 
 Action = Literal["promote", "step", "hold", "rollback"]
-Z95 = 1.959963984540054  # the per-variant intervals printed beside the test's own confidence sequence
+Z95 = 1.959963984540054  # the per-variant 95% intervals
 
 
 class PromotionError(Exception):
@@ -71,10 +71,10 @@ class Decision:
 # --- reading Prometheus ---------------------------------------------------------------------------
 
 
-def query(url: str, expr: str, at: float | None = None, timeout: float = 10) -> list[tuple[dict[str, str], float]]:
-    """An instant query (at a time, else now): (labels, value) per series; PromotionError naming the server when it does not answer."""
-    params = {"query": expr, **({"time": repr(at)} if at is not None else {})}
-    address = f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode(params)}"
+def api(url: str, endpoint: str, params: dict, timeout: float = 30) -> list[dict]:
+    """The `result` of a Prometheus query API call (`query`, `query_range`); PromotionError naming the server
+    and the query when it does not answer."""
+    address = f"{url.rstrip('/')}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}"
     try:
         with urllib.request.urlopen(address, timeout=timeout) as r:
             body = json.load(r)
@@ -83,13 +83,19 @@ def query(url: str, expr: str, at: float | None = None, timeout: float = 10) -> 
             detail = json.load(exc).get("error", exc.reason)
         except ValueError:
             detail = exc.reason
-        raise PromotionError(f"Prometheus at {url} refused the query ({exc.code}: {detail}): {expr}") from None
+        raise PromotionError(f"Prometheus at {url} refused the query ({exc.code}: {detail}): {params['query']}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PromotionError(f"cannot reach Prometheus at {url}: {reason}") from None
     if body.get("status") != "success":
         raise PromotionError(f"Prometheus at {url} answered {body.get('status')}: {body.get('error')}")
-    return [(s["metric"], float(s["value"][1])) for s in body["data"]["result"]]
+    return body["data"]["result"]
+
+
+def query(url: str, expr: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+    """An instant query (at a time, else now): (labels, value) per series."""
+    params = {"query": expr, **({"time": repr(at)} if at is not None else {})}
+    return [(s["metric"], float(s["value"][1])) for s in api(url, "query", params)]
 
 
 def last_scrape(url: str, model: str) -> float | None:
@@ -100,30 +106,41 @@ def last_scrape(url: str, model: str) -> float | None:
     return found[0][1] if found else None
 
 
-def _by_variant(url: str, expr: str, at: float | None) -> dict[str, float]:
+def by_variant(url: str, expr: str, at: float | None) -> dict[str, float]:
     return {labels.get("variant", ""): value for labels, value in query(url, expr, at) if not math.isnan(value)}
+
+
+def outcome_queries(metric: str, selector: str, window: str) -> dict[str, str]:
+    """PromQL per variant for an Arm's counters over `window`: `n` and `total` (correct answers, or the summed
+    absolute error), and for regressors `squares` (the summed squared error)."""
+    if metric == "accuracy":
+        return {
+            "n": f'sum by (variant) (increase({c.FEEDBACK}_total{{{selector}, outcome=~"correct|incorrect"}}[{window}]))',
+            "total": f'sum by (variant) (increase({c.FEEDBACK}_total{{{selector}, outcome="correct"}}[{window}]))',
+        }
+    return {
+        "n": f'sum by (variant) (increase({c.FEEDBACK}_total{{{selector}, outcome="scored"}}[{window}]))',
+        "total": f"sum by (variant) (increase({c.FEEDBACK_ABS_ERROR}_sum{{{selector}}}[{window}]))",
+        "squares": f"sum by (variant) (increase({c.FEEDBACK_SQUARED_ERROR}_sum{{{selector}}}[{window}]))",
+    }
+
+
+def read_outcomes(url: str, model: str, policy: Rollout, at: float | None = None) -> dict[str, dict[str, float]]:
+    """Each variant's counters over the policy's window, ending at `at` (default now)."""
+    return {k: by_variant(url, expr, at) for k, expr in outcome_queries(policy.metric, f'model="{model}"', policy.window).items()}
+
+
+def arm_of(metric: str, outcomes: dict[str, dict[str, float]], variant: str) -> Arm:
+    n, total = outcomes["n"].get(variant, 0.0), outcomes["total"].get(variant, 0.0)
+    if metric == "accuracy":
+        return Arm.classifier(n, min(total, n))  # two series read by two queries may differ by a scrape
+    return Arm.regressor(n, total, outcomes["squares"].get(variant, 0.0))
 
 
 def read_arms(url: str, model: str, policy: Rollout, at: float | None = None) -> tuple[Arm, Arm]:
     """The champion's and the challenger's outcomes over the policy's window, ending at `at` (default now)."""
-    sel, w = f'model="{model}"', policy.window
-    if policy.metric == "accuracy":
-        correct = _by_variant(url, f'sum by (variant) (increase({c.FEEDBACK}_total{{{sel}, outcome="correct"}}[{w}]))', at)
-        wrong = _by_variant(url, f'sum by (variant) (increase({c.FEEDBACK}_total{{{sel}, outcome="incorrect"}}[{w}]))', at)
-
-        def arm(v: str) -> Arm:
-            right = correct.get(v, 0.0)
-            return Arm.classifier(right + wrong.get(v, 0.0), right)
-
-    else:
-        scored = _by_variant(url, f'sum by (variant) (increase({c.FEEDBACK}_total{{{sel}, outcome="scored"}}[{w}]))', at)
-        absolute = _by_variant(url, f"sum by (variant) (increase({c.FEEDBACK_ABS_ERROR}_sum{{{sel}}}[{w}]))", at)
-        squared = _by_variant(url, f"sum by (variant) (increase({c.FEEDBACK_SQUARED_ERROR}_sum{{{sel}}}[{w}]))", at)
-
-        def arm(v: str) -> Arm:
-            return Arm.regressor(scored.get(v, 0.0), absolute.get(v, 0.0), squared.get(v, 0.0))
-
-    return arm(policy.champion), arm(policy.challenger)
+    outcomes = read_outcomes(url, model, policy, at)
+    return arm_of(policy.metric, outcomes, policy.champion), arm_of(policy.metric, outcomes, policy.challenger)
 
 
 def read_guardrails(url: str, model: str, policy: Rollout, at: float | None = None) -> list[Guardrail]:
@@ -179,11 +196,18 @@ def decide(policy: Rollout, weights: dict[str, int], champion: Arm, challenger: 
     return made("step", f"the challenger is significantly better: weight {w} -> {target}", moved(target), evidence)
 
 
-def _interval(arm: Arm) -> str:
+def interval(arm: Arm) -> tuple[float, float, float] | None:
+    """(estimate, low, high): the quality with a 95% normal interval, printed beside the test's own
+    confidence sequence; None without outcomes."""
     if arm.n <= 0:
-        return "no outcomes"
+        return None
     half = Z95 * math.sqrt(arm.variance / arm.n)
-    return f"{arm.mean:.4f} (95% {arm.mean - half:.4f} to {arm.mean + half:.4f})"
+    return arm.mean, arm.mean - half, arm.mean + half
+
+
+def _interval(arm: Arm) -> str:
+    q = interval(arm)
+    return "no outcomes" if q is None else f"{q[0]:.4f} (95% {q[1]:.4f} to {q[2]:.4f})"
 
 
 def report(model: str, env: str | None, policy: Rollout, d: Decision) -> list[str]:

@@ -7,19 +7,13 @@ dashboards' own queries, so the report, the dashboard and the decision never dis
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtimes import contract as c
-
 from ..domain.spec import Model, Rollout
-from .promote import Z95, PromotionError, last_scrape, query
+from .promote import PromotionError, api, arm_of, by_variant, interval, last_scrape, outcome_queries, read_outcomes
 from .sequential import Arm
 
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -36,11 +30,7 @@ class Row:
     arm: Arm
 
     def quality(self) -> tuple[float, float, float] | None:
-        """(estimate, low, high) with a 95% normal interval; None without outcomes."""
-        if self.arm.n <= 0:
-            return None
-        half = Z95 * math.sqrt(self.arm.variance / self.arm.n)
-        return self.arm.mean, self.arm.mean - half, self.arm.mean + half
+        return interval(self.arm)
 
 
 def seconds(duration: str) -> int:
@@ -50,27 +40,6 @@ def seconds(duration: str) -> int:
     return int(match.group(1)) * SECONDS[match.group(2)]
 
 
-def _outcomes(metric: str, sel: str, window: str) -> dict[str, str]:
-    """PromQL per variant: n and the quality's sums, as promote reads them."""
-    if metric == "accuracy":
-        return {
-            "n": f'sum by (variant) (increase({c.FEEDBACK}_total{{{sel}, outcome=~"correct|incorrect"}}[{window}]))',
-            "total": f'sum by (variant) (increase({c.FEEDBACK}_total{{{sel}, outcome="correct"}}[{window}]))',
-        }
-    return {
-        "n": f'sum by (variant) (increase({c.FEEDBACK}_total{{{sel}, outcome="scored"}}[{window}]))',
-        "total": f"sum by (variant) (increase({c.FEEDBACK_ABS_ERROR}_sum{{{sel}}}[{window}]))",
-        "squares": f"sum by (variant) (increase({c.FEEDBACK_SQUARED_ERROR}_sum{{{sel}}}[{window}]))",
-    }
-
-
-def _arm(metric: str, values: dict[str, dict[str, float]], variant: str) -> Arm:
-    n, total = values["n"].get(variant, 0.0), values["total"].get(variant, 0.0)
-    if metric == "accuracy":
-        return Arm.classifier(n, min(total, n))
-    return Arm.regressor(n, total, values["squares"].get(variant, 0.0))
-
-
 def rows(url: str, model_name: str, model: Model, policy: Rollout, env: str | None) -> list[Row]:
     from ..render.dashboards import variant_error_ratio, variant_latency, variant_requests, variant_share
 
@@ -78,17 +47,13 @@ def rows(url: str, model_name: str, model: Model, policy: Rollout, env: str | No
     sel, live, w = f'model="{model_name}"', f'model="{model_name}", role="live"', policy.window
 
     at = last_scrape(url, model_name)
-
-    def by_variant(expr: str) -> dict[str, float]:
-        return {labels.get("variant", ""): v for labels, v in query(url, expr, at) if not math.isnan(v)}
-
-    outcomes = {k: by_variant(expr) for k, expr in _outcomes(policy.metric, sel, w).items()}
-    share = by_variant(variant_share("model, variant", "model", w, sel))
-    requests = by_variant(variant_requests("variant", live, w, fn="increase"))
-    errors = by_variant(variant_error_ratio("variant", live, w, "server"))
-    p99 = by_variant(variant_latency(0.99, "variant", live, w))
+    outcomes = read_outcomes(url, model_name, policy, at)
+    share = by_variant(url, variant_share("model, variant", "model", w, sel), at)
+    requests = by_variant(url, variant_requests("variant", live, w, fn="increase"), at)
+    errors = by_variant(url, variant_error_ratio("variant", live, w, "server"), at)
+    p99 = by_variant(url, variant_latency(0.99, "variant", live, w), at)
     return [
-        Row(v, weights[v], share.get(v), requests.get(v, 0.0), errors.get(v), p99.get(v), _arm(policy.metric, outcomes, v))
+        Row(v, weights[v], share.get(v), requests.get(v, 0.0), errors.get(v), p99.get(v), arm_of(policy.metric, outcomes, v))
         for v in weights  # live variants, in the spec's order
     ]
 
@@ -116,15 +81,8 @@ def table(model_name: str, policy: Rollout, found: list[Row]) -> list[list[str]]
 
 def query_range(url: str, expr: str, start: float, end: float, step: float) -> dict[str, list[tuple[float, float]]]:
     """A range query: per variant, (timestamp, value) points."""
-    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/query_range?{params}", timeout=30) as r:
-            body = json.load(r)
-    except (OSError, ValueError) as exc:
-        raise PromotionError(f"cannot reach Prometheus at {url}: {getattr(exc, 'reason', exc)}") from None
-    if body.get("status") != "success":
-        raise PromotionError(f"Prometheus at {url} answered {body.get('status')}: {body.get('error')}")
-    return {s["metric"].get("variant", ""): [(float(t), float(v)) for t, v in s["values"]] for s in body["data"]["result"]}
+    result = api(url, "query_range", {"query": expr, "start": start, "end": end, "step": step})
+    return {s["metric"].get("variant", ""): [(float(t), float(v)) for t, v in s["values"]] for s in result}
 
 
 def chart(url: str, model_name: str, policy: Rollout, since: str, path: Path) -> Path:
@@ -141,7 +99,7 @@ def chart(url: str, model_name: str, policy: Rollout, since: str, path: Path) ->
     end = time.time()
     step = max(span / 120, 15)
     sel = f'model="{model_name}"'
-    exprs = _outcomes(policy.metric, sel, rolling)
+    exprs = outcome_queries(policy.metric, sel, rolling)
     series = {k: query_range(url, e, end - span, end, step) for k, e in exprs.items()}
     share = query_range(url, variant_share("model, variant", "model", rolling, sel), end - span, end, step)
 
