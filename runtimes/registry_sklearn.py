@@ -154,8 +154,8 @@ class RegistrySKLearnRuntime(ReportedModel):
         self._columns = signature.ColumnDecoder(columns, self._max_values) if columns else None
         self._coalescer = Coalescer(self._model, prepare=self._columns.frame if self._columns else None, name=self.name)
         self.inputs = signature.column_metadata(columns) if columns else signature.tensor_metadata(mlmodel)
-        self.outputs = signature.output_metadata(mlmodel, self._has_proba, getattr(self._model, "classes_", None))
         classes = getattr(self._model, "classes_", None)
+        self.outputs = signature.output_metadata(mlmodel, self._has_proba, classes)
         if not extra.shadow:
             own = [extra.variant] if extra.variant else []
             self._feedback = feedback.Target(
@@ -174,6 +174,10 @@ class RegistrySKLearnRuntime(ReportedModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         if payload.parameters is not None and (answer := self._feedback_answer(payload)) is not None:
             return answer
+        return await self.answer(payload)
+
+    async def answer(self, payload: InferenceRequest) -> InferenceResponse:
+        """The prediction for an inference request; the router calls it after telling feedback apart itself."""
         names = [o.name for o in payload.outputs] if payload.outputs else [self._default_output]
         for name in names:
             if name not in VALID_OUTPUTS:

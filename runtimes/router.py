@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from mlserver.errors import InferenceError
-from mlserver.model import MLModel
 from mlserver.settings import ModelParameters, ModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
@@ -57,8 +56,9 @@ class Variant:
     version: str
     weight: int
     shadow: bool
-    model: MLModel
-    counted: tuple = ()  # a live variant's labelled (ok, client_error, error, latency) series, looked up once at load
+    model: RegistrySKLearnRuntime
+    # Labelled series, looked up once at load: (ok, client_error, error, latency) live, (ok, error, dropped, latency) shadow.
+    counted: tuple = ()
 
 
 def bucket(key: str) -> int:
@@ -146,7 +146,7 @@ class RouterRuntime(ReportedModel):
             )
         self._queue: asyncio.Queue | None = None
 
-    async def _load_variant(self, spec: VariantRoute, extra: RouterExtra, fallback: bool) -> MLModel | None:
+    async def _load_variant(self, spec: VariantRoute, extra: RouterExtra, fallback: bool) -> RegistrySKLearnRuntime | None:
         """The variant's model, or None when it failed to load and the router may go on without it."""
         settings = ModelSettings(
             name=f"{self.name}-{spec.name}",
@@ -201,7 +201,7 @@ class RouterRuntime(ReportedModel):
         ok, client_error, error, latency = variant.counted
         start = time.perf_counter()
         try:
-            response = await variant.model.predict(payload)
+            response = await variant.model.answer(payload)  # feedback was told apart above
         except InferenceError:
             client_error.inc()
             raise
@@ -226,23 +226,24 @@ class RouterRuntime(ReportedModel):
         try:
             self._queue.put_nowait((shadow, payload, live))
         except asyncio.QueueFull:
-            self._metrics.requests.labels(self.name, shadow.name, "shadow", "dropped").inc()
+            shadow.counted[2].inc()
 
     async def _shadow_worker(self) -> None:
         m, queue = self._metrics, self._queue
         assert queue is not None  # created before the worker starts
         while True:
             shadow, payload, live = await queue.get()
+            ok, error, _, latency = shadow.counted
             start = time.perf_counter()
             try:
-                answer = await asyncio.wait_for(shadow.model.predict(payload), SHADOW_TIMEOUT_S)
+                answer = await asyncio.wait_for(shadow.model.answer(payload), SHADOW_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - a shadow never fails the live path
-                m.requests.labels(self.name, shadow.name, "shadow", "error").inc()
+                error.inc()
                 logger.debug("router %s: shadow %s failed: %s", self.name, shadow.name, exc)
                 continue
             finally:
-                m.latency.labels(self.name, shadow.name, "shadow").observe(time.perf_counter() - start)
-            m.requests.labels(self.name, shadow.name, "shadow", "ok").inc()
+                latency.observe(time.perf_counter() - start)
+            ok.inc()
             m.agreement.labels(self.name, shadow.name, str(agree(live, answer)).lower()).inc()
 
     async def unload(self) -> bool:
