@@ -28,6 +28,8 @@ import matplotlib  # the bench extra: `mlops bench` without it says so before an
 from mlops.domain.registry import Registry, default_registry
 from mlops.supervise.processes import free_port, stop_process, wait_for
 from mlops.supervise.serve import Ports, mlserver_command, server_env
+from runtimes.binary import NUMPY
+from runtimes.contract import GRPC_FAST_PATH, REST_FAST_PATH
 from runtimes.metrics import proc_stat
 
 matplotlib.use("Agg")  # files, no display
@@ -217,20 +219,15 @@ def h2load(url: str, body_file: Path, connections: int, seconds: float, workdir:
 
 
 def grpc_body(model: str) -> bytes:
-    """One length-prefixed ModelInferRequest, as a gRPC client puts it on the wire."""
+    """One length-prefixed ModelInferRequest as tritonclient's gRPC client sends it: tensors in raw_input_contents."""
+    import numpy as np
     from mlserver.grpc import dataplane_pb2 as pb
 
     tensor = PAYLOAD["inputs"][0]
     request = pb.ModelInferRequest(
         model_name=model,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(
-                name=tensor["name"],
-                datatype=tensor["datatype"],
-                shape=tensor["shape"],
-                contents=pb.InferTensorContents(fp64_contents=tensor["data"]),
-            )
-        ],
+        inputs=[pb.ModelInferRequest.InferInputTensor(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])],
+        raw_input_contents=[np.asarray(tensor["data"], dtype=NUMPY[tensor["datatype"]]).tobytes()],
     )
     message = request.SerializeToString()
     return b"\x00" + struct.pack(">I", len(message)) + message
@@ -239,6 +236,7 @@ def grpc_body(model: str) -> bytes:
 def grpc_predict(port: int, model: str) -> list:
     """Checks that the gRPC system answers before it is loaded."""
     import grpc
+    import numpy as np
     from mlserver.grpc import dataplane_pb2 as pb
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -249,7 +247,7 @@ def grpc_predict(port: int, model: str) -> list:
         )
         response = call(grpc_body(model)[5:], timeout=30)
     out = response.outputs[0]
-    return list(out.contents.int64_contents) or list(response.raw_output_contents[0])
+    return np.frombuffer(response.raw_output_contents[0], dtype=NUMPY[out.datatype]).tolist()
 
 
 def rest_predict(port: int, model: str, body: Path) -> list:
@@ -374,6 +372,8 @@ def start_systems(
     workdir: Path, project: Path, registry: Registry, version: str, model_dir: Path, body: Path, grpc_file: Path, columns_body: Path
 ) -> list[System]:
     ours, ours_ports = start_mlserver("mlserver", project / "model-settings", registry, workdir)
+    # the same server with gRPC inference through MLServer's own servicer (runtimes/grpc_edge.py), side by side
+    mlservers_grpc, mlservers_grpc_ports = start_mlserver("mlserver-grpc-own", project / "model-settings", registry, workdir, {GRPC_FAST_PATH: "0"})
     stock, tuned = (
         start_mlserver(name, stock_settings(workdir / name, version, server_settings), registry, workdir, stock=True)[0]
         for name, server_settings in (
@@ -396,13 +396,22 @@ def start_systems(
         mono_port,
         workdir,
     )
-    for proc, path in ((ours, "/v2/health/ready"), (stock, "/v2/health/ready"), (tuned, "/v2/health/ready"), (mono, "/docs")):
+    for proc, path in (
+        (ours, "/v2/health/ready"),
+        (mlservers_grpc, "/v2/health/ready"),
+        (stock, "/v2/health/ready"),
+        (tuned, "/v2/health/ready"),
+        (mono, "/docs"),
+    ):
         wait_ready(proc, path)
     http = lambda p, m: f"http://127.0.0.1:{p.port}/v2/models/{m}/infer"  # noqa: E731
-    grpc_url = f"http://127.0.0.1:{ours_ports.grpc}/inference.GRPCInferenceService/ModelInfer"
+    grpc_url = lambda ports: f"http://127.0.0.1:{ports.grpc}/inference.GRPCInferenceService/ModelInfer"  # noqa: E731
     return [
         System("routed-rest", "a) routed iris, REST", ours, http(ours, "iris"), body),
-        System("routed-grpc", "b) routed iris, gRPC", ours, grpc_url, grpc_file, grpc=True),
+        System("routed-grpc", "b) routed iris, gRPC", ours, grpc_url(ours_ports), grpc_file, grpc=True),
+        System(
+            "routed-grpc-own", f"b') the same, gRPC fast path off ({GRPC_FAST_PATH}=0)", mlservers_grpc, grpc_url(mlservers_grpc_ports), grpc_file, grpc=True
+        ),
         System("direct-rest", "c) iris-champion direct, REST", ours, http(ours, "iris-champion"), body),
         System("stock-mlflow", "d) stock MLflowRuntime, REST", stock, http(stock, "iris"), body),
         System("stock-mlflow-tuned", "d') stock MLflowRuntime, our server settings", tuned, http(tuned, "iris"), body),
@@ -430,7 +439,7 @@ def check_answers(systems: list[System]) -> None:
 
 SWEEP = {  # name: (changes to the generated settings.json, environment)
     "chosen (model-settings/settings.json)": ({}, {}),
-    "REST fast path off (MLOPS_REST_FAST_PATH=0)": ({}, {"MLOPS_REST_FAST_PATH": "0"}),
+    f"REST fast path off ({REST_FAST_PATH}=0)": ({}, {REST_FAST_PATH: "0"}),
     "parallel_workers: 1": ({"parallel_workers": 1}, {}),
     "gzip_enabled: true": ({"gzip_enabled": True}, {}),  # the fast path steps aside for GZip
     "MLServer defaults": (None, {}),  # no settings.json: debug (access log) on, 1 worker, gzip on
@@ -598,8 +607,11 @@ def verdicts(load: dict, scale: dict | None, soak: dict | None = None) -> dict:
     if "64" in load["monolith"]:
         v["routed REST at 64 connections vs FastAPI monolith"] = (rps("routed-rest", 64) / rps("monolith", 64), ">= 1.0x")
         v["router overhead vs direct variant (REST, 64 connections)"] = (1 - rps("routed-rest", 64) / rps("direct-rest", 64), "<= 5%")
+        v["routed gRPC vs routed REST, 64 connections"] = (rps("routed-grpc", 64) / rps("routed-rest", 64), ">= 1.0x")
     if "8" in load["monolith"]:
         v["routed REST p99 at 8 connections"] = (load["routed-rest"]["8"]["p99_ms"], "<= 10 ms")
+        v["routed gRPC vs routed REST, 8 connections"] = (rps("routed-grpc", 8) / rps("routed-rest", 8), ">= 1.0x")
+        v["routed gRPC p99 at 8 connections"] = (load["routed-grpc"]["8"]["p99_ms"], "<= 10 ms")
         v["registry-native vs stock MLflowRuntime (REST, 8 connections)"] = (rps("direct-rest", 8) / rps("stock-mlflow", 8), ">= 3.0x")
         v["registry-native vs stock MLflowRuntime, same server settings"] = (rps("direct-rest", 8) / rps("stock-mlflow-tuned", 8), ">= 3.0x")
         v["DataFrame model: registry-native vs stock MLflowRuntime (REST, 8 connections)"] = (rps("columns-direct", 8) / rps("columns-stock", 8), ">= 3.0x")

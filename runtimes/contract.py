@@ -8,6 +8,8 @@ that changes here changes on both sides.
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # --- where things are --------------------------------------------------------------------------
@@ -31,6 +33,14 @@ EXTRA_ENV = "MLSERVER_MODEL_EXTRA"  # MLServer reads a single model's parameters
 # After SIGTERM, the time MLServer has to answer what it accepted (runtimes/drain.py); the pods'
 # terminationGracePeriodSeconds covers it plus the operator's preStop sleep (mlops/check/cluster.py checks).
 DRAIN_SECONDS = 30
+
+# The short roads to MLServer's data plane (runtimes/rest.py, runtimes/grpc_edge.py): on unless set to 0.
+REST_FAST_PATH = "MLOPS_REST_FAST_PATH"
+GRPC_FAST_PATH = "MLOPS_GRPC_FAST_PATH"
+
+
+def switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").lower() in ("0", "false", "off")
 
 
 # --- parameters.extra --------------------------------------------------------------------------

@@ -46,10 +46,11 @@ from pydantic import ValidationError
 from starlette_exporter import PrometheusMiddleware
 
 from . import binary, feedback
+from .contract import REST_FAST_PATH as SWITCH
+from .contract import switched_off
 
 logger = logging.getLogger("mlserver.rest")
 
-SWITCH = "MLOPS_REST_FAST_PATH"
 INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 ROUTES = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
 FEEDBACK = re.compile(r"/v2/models/([^/]+)/feedback")
@@ -94,7 +95,7 @@ def _data_plane(app: FastAPI):
 
 def _short_road(app: FastAPI) -> bool:
     """Whether the short road can answer as MLServer's stack would."""
-    if os.environ.get(SWITCH, "1").lower() in ("0", "false", "off"):
+    if switched_off(SWITCH):
         logger.info("REST inference through MLServer's full stack (%s=%s)", SWITCH, os.environ[SWITCH])
         return False
     for middleware in app.user_middleware:

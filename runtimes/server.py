@@ -4,7 +4,7 @@ The image runs `python -m runtimes.server start FOLDER` (Dockerfile) and `mlops 
 FOLDER is what `mlserver start` takes (settings.json, model-settings.json files, or MLSERVER_MODEL_*).
 Before anything else it refuses an MLServer release the changes were not tested with
 (runtimes/mlserver_patches.py). Importing a runtime changes nothing in MLServer: under a plain
-`mlserver start` the runtimes still serve, without the REST edge, the drain or the patches.
+`mlserver start` the runtimes still serve, without the REST and gRPC edges, the drain or the patches.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ from mlserver.server import MLServer
 from mlserver.settings import ModelSettings
 from mlserver.utils import install_uvloop_event_loop
 
-from . import drain, mlserver_patches, rest
+from . import drain, grpc_edge, mlserver_patches, rest
 
 
 class Server(MLServer):
-    """MLServer whose REST app instance is served through `rest.Edge`, and whose stop is the drain."""
+    """MLServer whose REST app instance is served through `rest.Edge`, whose gRPC `ModelInfer` takes the short
+    road of `grpc_edge`, and whose stop is the drain."""
 
     def _create_servers(self) -> None:
         super()._create_servers()
         # MLServer adds custom handlers' routes to `_app` later; the Edge hands it every attribute it lacks.
         self._rest_server._app = rest.Edge(self._rest_server._app)
+        grpc_edge.install(self._grpc_server)
 
     async def start(self, models_settings: list[ModelSettings] | None = None) -> None:
         releasing = asyncio.ensure_future(drain.release_signals(self))

@@ -108,3 +108,11 @@ def test_mlops_serve_listens_on_loopback_only_unless_told(server):
     # The banner follows readiness: it first reads each model's input example.
     wait_until(lambda: "MLServer is ready" in server.output(), 60, [server.proc], interval=0.2)
     assert "Listening on 127.0.0.1 only" in server.output(), server.output()[-2000:]
+
+
+def test_inference_takes_the_short_roads_to_mlservers_data_plane(server):
+    """The serving entry point (runtimes/server.py) puts both edges in front of MLServer; each says so at start-up.
+    That they answer as MLServer does is tests/in_process/test_rest_fast_path.py's and test_grpc_fast_path.py's."""
+    log = server.output()
+    assert "REST inference fast path on for POST /v2/models/*/infer" in log, log[-2000:]
+    assert "gRPC inference fast path on for inference.GRPCInferenceService/ModelInfer" in log, log[-2000:]
