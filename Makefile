@@ -42,7 +42,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The benchmark (README, "Performance"): about 17 minutes; results in bench/results/.
+# The benchmark (README, "Performance"): about 25 minutes; results in bench/results/.
 bench: install system-packages
 	$(BIN)/mlops bench
 

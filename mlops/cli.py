@@ -418,7 +418,7 @@ def bench(
     """Load-test the served system against stock MLflowRuntime and a FastAPI monolith (needs wrk and h2load).
 
     Trains iris into a registry of its own in a temporary folder, so it never
-    touches the project's registry. Takes about 23 minutes with the defaults, the soak included.
+    touches the project's registry. Takes about 25 minutes with the defaults, the soak included.
     """
     from rich.table import Table
 
