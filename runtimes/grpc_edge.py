@@ -1,14 +1,14 @@
 """The edge of MLServer 1.7.1's gRPC server: a short road for `ModelInfer`, through MLServer's own data plane.
 
-The counterpart of runtimes/rest.py. MLServer's `ModelInfer` (mlserver/grpc/servicers.py 66-76) turns
+The counterpart of runtimes/rest.py. MLServer's `ModelInfer` (mlserver/grpc/servicers.py 68-79) turns
 each tensor's `raw_input_contents` into Python numbers with a `struct` format built per request, builds
 pydantic objects around them, and packs the answer's outputs back with `struct` in the same way
-(mlserver/raw.py, grpc/converters.py 150-170 and 346-370). Here raw input tensors are read with one
+(mlserver/raw.py, grpc/converters.py 149-172 and 369-402). Here raw input tensors are read with one
 `numpy.frombuffer` each and raw outputs written with one `tobytes`, and the request, the answer and
 every error still pass through what MLServer uses:
 
 - the data plane: `DataPlane.infer`, so model lookup, ids and MLServer's model metrics are its own;
-- request headers from the call's metadata, response headers as trailing metadata (servicers.py 111-127);
+- request headers from the call's metadata, response headers as trailing metadata (servicers.py 118-132);
 - errors: `handle_mlserver_error`, so an `MLServerError` is its mapped status code and anything else INTERNAL;
 - metrics: the handler is registered under MLServer's own server, inside its interceptors, so
   `grpc_server_started_total`, `grpc_server_handled_total` and `grpc_server_handling_seconds` count it.
@@ -65,7 +65,7 @@ def _enabled() -> bool:
 def install(server: GRPCServer) -> None:
     """Answer `ModelInfer` on the short road in the gRPC server MLServer builds when it starts.
 
-    MLServer builds its `grpc.aio` server in `GRPCServer.start` (grpc/server.py 111-113); this wraps that
+    MLServer builds its `grpc.aio` server in `GRPCServer.start` (grpc/server.py 111-114); this wraps that
     instance's builder, and registers the short road under MLServer's own method name after MLServer's
     servicer: grpcio 1.85 answers a registered method with the handler registered last for it
     (tests/in_process/test_grpc_fast_path.py shows it does). Interceptors apply to it as to any method.
@@ -115,9 +115,9 @@ def read(request: pb.ModelInferRequest) -> InferenceRequest | None:
         dtype = NUMPY.get(tensor.datatype)
         if dtype is None or tensor.contents.ListFields() or any(d < 0 for d in tensor.shape):
             return None
-        values = np.frombuffer(blob, dtype=dtype) if len(blob) == math.prod(tensor.shape) * np.dtype(dtype).itemsize else None
-        if values is None:
+        if len(blob) != math.prod(tensor.shape) * np.dtype(dtype).itemsize:
             return None  # MLServer's converter names the mismatch (runtimes/mlserver_patches.py)
+        values = np.frombuffer(blob, dtype=dtype)
         inputs.append(
             RequestInput.model_construct(
                 name=tensor.name,
