@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import in_registry
-from mlserver.errors import InferenceError
+from echo import Echo
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc.interceptors import PromServerInterceptor
 from mlserver.grpc.server import GRPCServer
@@ -27,22 +27,6 @@ from runtimes.registry_sklearn import RegistrySKLearnRuntime
 IRIS, ECHO, FLOATS = "grpc-iris", "grpc-echo", "grpc-floats"  # names of their own in the session's shared registry
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
 Tensor = pb.ModelInferRequest.InferInputTensor
-
-
-class Echo(MLModel):
-    """A request header comes back as a response header (trailing metadata) and as a BYTES output."""
-
-    async def predict(self, payload):
-        headers = payload.parameters.headers or {}
-        if "x-fail" in headers:
-            raise InferenceError(f"asked to fail: {headers['x-fail']}")
-        if "x-crash" in headers:
-            raise RuntimeError("a bug")
-        return InferenceResponse(
-            model_name=self.name,
-            outputs=[ResponseOutput(name="echo", shape=[1], datatype="BYTES", data=[headers.get("x-test", "")])],
-            parameters=Parameters(headers={"x-echo": headers.get("x-test", "")}),
-        )
 
 
 class Floats(MLModel):

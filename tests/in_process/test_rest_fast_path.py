@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 from conftest import in_registry
-from mlserver.errors import InferenceError
+from echo import Echo
 from mlserver.handlers import ModelRepositoryHandlers
-from mlserver.model import MLModel
 from mlserver.repository import SchemalessModelRepository
 from mlserver.rest.app import create_app
 from mlserver.settings import ModelParameters, ModelSettings, Settings
-from mlserver.types import InferenceResponse, Parameters, ResponseOutput
 from prometheus_client import REGISTRY
 
 from runtimes import rest
@@ -23,22 +21,6 @@ from runtimes.registry_sklearn import RegistrySKLearnRuntime
 IRIS_ROW = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}]}
 JSON = [(b"content-type", b"application/json")]
 SERVER_SETTINGS = Path(__file__).parents[2] / "model-settings" / "settings.json"  # as served
-
-
-class Echo(MLModel):
-    """Shows what reached the model: a request header comes back as a response header."""
-
-    async def predict(self, payload):
-        headers = payload.parameters.headers or {}
-        if "x-fail" in headers:
-            raise InferenceError(f"asked to fail: {headers['x-fail']}")
-        if "x-crash" in headers:
-            raise RuntimeError("a bug")
-        return InferenceResponse(
-            model_name=self.name,
-            outputs=[ResponseOutput(name="echo", shape=[1], datatype="BYTES", data=[headers.get("x-test", "")])],
-            parameters=Parameters(headers={"x-echo": headers.get("x-test", "")}),
-        )
 
 
 def call(app, path, body: bytes, headers=JSON, method="POST", raw_body=False):
