@@ -33,6 +33,7 @@ from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import metrics
+from .signature import datatype_of
 
 PARAMETER = "feedback"  # the request parameter that makes an inference request feedback
 RECORDED = "recorded"
@@ -85,13 +86,9 @@ class Feedback(BaseModel):
             raise FeedbackError("variant: one BYTES element naming the variant") from None
         data = {"variant": variant, "id": payload.id}
         for name in ("prediction", "truth"):
-            decoded = StringCodec.decode_input(inputs[name]) if _datatype(inputs[name]) == "BYTES" else NumpyCodec.decode_input(inputs[name]).ravel().tolist()
+            decoded = StringCodec.decode_input(inputs[name]) if datatype_of(inputs[name]) == "BYTES" else NumpyCodec.decode_input(inputs[name]).ravel().tolist()
             data[name] = decoded
         return cls.read(data)
-
-
-def _datatype(inp) -> str:
-    return getattr(inp.datatype, "value", inp.datatype)  # an enum over REST, a plain string over gRPC
 
 
 @dataclass(frozen=True)

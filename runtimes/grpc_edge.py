@@ -47,6 +47,7 @@ from mlserver.utils import insert_headers
 from .binary import NUMPY
 from .contract import GRPC_FAST_PATH as SWITCH
 from .contract import switched_off
+from .signature import datatype_of
 
 logger = logging.getLogger("mlserver.grpc")
 
@@ -138,8 +139,8 @@ def write_raw(result: InferenceResponse) -> pb.ModelInferResponse | None:
     writes otherwise (BYTES, NaN, which MLServer's codecs hand over as None, a size unlike the shape)."""
     blobs, tensors = [], []
     for out in result.outputs:
-        datatype = getattr(out.datatype, "value", out.datatype)
-        dtype = NUMPY.get(datatype)
+        name = datatype_of(out)
+        dtype = NUMPY.get(name)
         if dtype is None:
             return None
         try:
@@ -149,7 +150,7 @@ def write_raw(result: InferenceResponse) -> pb.ModelInferResponse | None:
         if values.size != math.prod(out.shape) or (values.dtype.kind == "f" and np.isnan(values).any()):
             return None  # MLServer's packing refuses a size that does not match the shape
         blobs.append(values.tobytes())
-        tensor = pb.ModelInferResponse.InferOutputTensor(name=out.name, shape=out.shape, datatype=datatype, contents=pb.InferTensorContents())
+        tensor = pb.ModelInferResponse.InferOutputTensor(name=out.name, shape=out.shape, datatype=name, contents=pb.InferTensorContents())
         if out.parameters:
             _merge_map(tensor.parameters, ParametersConverter.from_types(out.parameters))
         tensors.append(tensor)

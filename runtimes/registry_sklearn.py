@@ -199,7 +199,7 @@ class RegistrySKLearnRuntime(ReportedModel):
         if len(payload.inputs) != 1:
             raise InferenceError(f"expected exactly one input tensor of rows x features, got {len(payload.inputs)}")
         inp = payload.inputs[0]
-        datatype = getattr(inp.datatype, "value", inp.datatype)  # an enum over REST, a plain string over gRPC
+        datatype = signature.datatype_of(inp)
         if datatype not in NUMERIC_DATATYPES:
             raise InferenceError(f"input '{inp.name}' has datatype {datatype!r}; this model takes numbers ({', '.join(NUMERIC_DATATYPES)})")
         if any(d < 0 for d in inp.shape):

@@ -66,8 +66,9 @@ def _check_finite(name: str, values: np.ndarray) -> None:
         raise InferenceError(f"input {name!r} contains NaN, Inf (null over REST) or a value beyond ±{MAX_MAGNITUDE:.4g}; the model needs finite numbers")
 
 
-def _datatype(inp) -> str:
-    return getattr(inp.datatype, "value", inp.datatype)  # an enum over REST, a plain string over gRPC
+def datatype_of(tensor) -> str:
+    """A tensor's datatype name: an enum over REST, a plain string over gRPC."""
+    return getattr(tensor.datatype, "value", tensor.datatype)
 
 
 def parse_columns(mlmodel: dict) -> list[Column] | None:
@@ -168,7 +169,7 @@ class ColumnDecoder:
         return out
 
     def _column(self, column: Column, inp) -> np.ndarray:
-        datatype = _datatype(inp)
+        datatype = datatype_of(inp)
         if len(inp.shape) > 2 or (len(inp.shape) == 2 and inp.shape[1] != 1) or any(d < 0 for d in inp.shape):
             raise InferenceError(f"input {inp.name!r} has shape {list(inp.shape)}; a column is [rows] or [rows, 1]")
         if column.type in NUMERIC:
@@ -198,7 +199,7 @@ class ColumnDecoder:
         return array
 
     def _row_major(self, inp) -> dict[str, np.ndarray]:
-        datatype = _datatype(inp)
+        datatype = datatype_of(inp)
         if datatype == "BYTES":
             raise InferenceError(f"input {inp.name!r} has datatype BYTES; send one input per column: {self.expected()}")
         rows, width = inp.shape

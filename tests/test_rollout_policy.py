@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mlops.domain.spec import DeploymentSpec, Guardrails, Rollout, SpecError, load_spec
-from mlops.rollout.weights import current_weights, set_weights
+from mlops.rollout.weights import set_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = (REPO / "deployments.yaml").read_text()
@@ -143,8 +143,8 @@ def test_variant_weights_change_only_the_variant_lines():
     assert added == ["      champion:   {alias: champion, weight: 70}", "      challenger: {alias: challenger, weight: 30}"]
     assert comments(new) == comments(SPEC)
     spec = DeploymentSpec.model_validate(yaml.safe_load(new))
-    assert current_weights(spec, "iris") == {"champion": 70, "challenger": 30}
-    assert current_weights(spec, "iris", "prod") == {"champion": 90, "challenger": 10}
+    assert spec.models["iris"].weights() == {"champion": 70, "challenger": 30}
+    assert spec.models["iris"].weights("prod") == {"champion": 90, "challenger": 10}
 
 
 def test_environment_weights_change_one_line():
@@ -161,8 +161,8 @@ def test_missing_environment_override_is_added():
     assert removed == []
     assert added == ["      stage: {weights: {champion: 60, challenger: 40}}"]
     spec = DeploymentSpec.model_validate(yaml.safe_load(new))
-    assert current_weights(spec, "iris", "stage") == {"champion": 60, "challenger": 40}
-    assert current_weights(spec, "iris", "prod") == {"champion": 90, "challenger": 10}
+    assert spec.models["iris"].weights("stage") == {"champion": 60, "challenger": 40}
+    assert spec.models["iris"].weights("prod") == {"champion": 90, "challenger": 10}
 
 
 def test_missing_environments_mapping_is_added_after_the_variants():
@@ -175,15 +175,15 @@ def test_missing_environments_mapping_is_added_after_the_variants():
     assert lines[at - 1] == "      challenger: {alias: challenger, weight: 10}"
     assert lines[at + 2].startswith("    rollout:")
     spec = DeploymentSpec.model_validate(yaml.safe_load(new))
-    assert current_weights(spec, "diabetes", "prod") == {"champion": 70, "challenger": 30}
-    assert current_weights(spec, "diabetes") == {"champion": 90, "challenger": 10}
+    assert spec.models["diabetes"].weights("prod") == {"champion": 70, "challenger": 30}
+    assert spec.models["diabetes"].weights() == {"champion": 90, "challenger": 10}
 
 
 @pytest.mark.parametrize("env", [None, "prod", "stage"])
 def test_no_change_returns_the_same_text(env):
     spec = load_spec(REPO / "deployments.yaml")
     for model in ("iris", "wine", "diabetes"):
-        assert set_weights(SPEC, model, current_weights(spec, model, env), env=env) is SPEC
+        assert set_weights(SPEC, model, spec.models[model].weights(env), env=env) is SPEC
 
 
 BLOCK = """\
@@ -216,8 +216,8 @@ def test_block_style_variant_weight_is_replaced_and_inserted():
     assert added == ["        weight: 90  # all of it, for now", "        weight: 10"]
     assert new.index("weight: 10\n") < new.index("# a shadow gets copies")
     spec = DeploymentSpec.model_validate(yaml.safe_load(new))
-    assert current_weights(spec, "m") == {"a": 90, "b": 10}
-    assert current_weights(spec, "m", "prod") == {"a": 100, "b": 0}
+    assert spec.models["m"].weights() == {"a": 90, "b": 10}
+    assert spec.models["m"].weights("prod") == {"a": 100, "b": 0}
 
 
 def test_block_style_environment_weight_is_inserted():
@@ -226,7 +226,7 @@ def test_block_style_environment_weight_is_inserted():
     removed, added = changed_lines(BLOCK, new)
     assert removed == ["          a: 100"]
     assert added == ["          a: 80", "          b: 20"]
-    assert current_weights(DeploymentSpec.model_validate(yaml.safe_load(new)), "m", "prod") == {"a": 80, "b": 20}
+    assert DeploymentSpec.model_validate(yaml.safe_load(new)).models["m"].weights("prod") == {"a": 80, "b": 20}
 
 
 def test_block_style_new_environment():

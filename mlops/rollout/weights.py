@@ -19,16 +19,11 @@ import yaml
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from runtimes.contract import SPEC_FILE
+
 from ..domain.spec import DeploymentSpec, _format_error
 
-SPEC_NAME = Path("deployments.yaml")  # only its name appears in messages
-
-
-def current_weights(spec: DeploymentSpec, model: str, env: str | None = None) -> dict[str, int]:
-    """The live variants' weights of `model`, with `env`'s overrides applied (what the router serves)."""
-    if model not in spec.models:
-        raise ValueError(f"models.{model}: no such model (models: {', '.join(spec.models)})")
-    return spec.models[model].weights(env)
+SPEC_NAME = Path(SPEC_FILE)  # only its name appears in messages
 
 
 def set_weights(text: str, model: str, weights: dict[str, int], env: str | None = None) -> str:
@@ -66,33 +61,28 @@ def set_weights(text: str, model: str, weights: dict[str, int], env: str | None 
                 want_model["variants"][vname]["weight"] = w
     else:
         base = {v: _written_weight(data, model, v) for v in order}  # what the environment inherits
-        where = f"models.{model}.environments"
-        envs = _find(model_node, "environments", where)
-        if envs is None:
-            if any(w != base[v] for v, w in wanted.items()):
-                edits.add_pairs(model_node, [("environments", {env: {"weights": wanted}})], where, nest=True, after="variants")
-                want_model["environments"] = {env: {"weights": dict(wanted)}}
+        differs = any(w != base[v] for v, w in wanted.items())  # an override not written yet is needed only then
+        envs_at = f"models.{model}.environments"
+        env_at, weights_at = f"{envs_at}.{env}", f"{envs_at}.{env}.weights"
+        envs = _find(model_node, "environments", envs_at)
+        override = _find(_mapping(envs, envs_at), env, env_at) if envs is not None else None
+        wnode = _find(_mapping(override, env_at), "weights", weights_at) if override is not None else None
+        if wnode is not None:
+            wnode = _mapping(wnode, weights_at)
+            for vname, w in wanted.items():
+                if edits.set_scalar(wnode, vname, w, f"{weights_at}.{vname}", absent=base[vname]):
+                    want_model["environments"][env]["weights"][vname] = w
+        elif not differs:
+            pass
+        elif override is not None:
+            edits.add_pairs(override, [("weights", wanted)], weights_at)
+            want_model["environments"][env]["weights"] = dict(wanted)
+        elif envs is not None:
+            edits.add_pairs(envs, [(env, {"weights": wanted})], env_at)
+            want_model["environments"][env] = {"weights": dict(wanted)}
         else:
-            envs = _mapping(envs, where)
-            where = f"{where}.{env}"
-            override = _find(envs, env, where)
-            if override is None:
-                if any(w != base[v] for v, w in wanted.items()):
-                    edits.add_pairs(envs, [(env, {"weights": wanted})], where)
-                    want_model["environments"][env] = {"weights": dict(wanted)}
-            else:
-                override = _mapping(override, where)
-                where = f"{where}.weights"
-                wnode = _find(override, "weights", where)
-                if wnode is None:
-                    if any(w != base[v] for v, w in wanted.items()):
-                        edits.add_pairs(override, [("weights", wanted)], where)
-                        want_model["environments"][env]["weights"] = dict(wanted)
-                else:
-                    wnode = _mapping(wnode, where)
-                    for vname, w in wanted.items():
-                        if edits.set_scalar(wnode, vname, w, f"{where}.{vname}", absent=base[vname]):
-                            want_model["environments"][env]["weights"][vname] = w
+            edits.add_pairs(model_node, [("environments", {env: {"weights": wanted}})], envs_at, nest=True, after="variants")
+            want_model["environments"] = {env: {"weights": dict(wanted)}}
     if not edits:
         return text
     new = edits.apply()
