@@ -159,10 +159,18 @@ def grpc_load(port: int, load: Load) -> None:
 
 
 def refused(port: int) -> bool:
+    """True once nothing listens on the port.
+
+    A connection reset is not an answer either way: the kernel completed our handshake into the
+    backlog of a listener that closed before accepting it (RST to every queued connection), so the
+    port was still listening when we knocked; look again.
+    """
     try:
         socket.create_connection((LOOPBACK, port), timeout=5).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
