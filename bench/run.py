@@ -29,7 +29,7 @@ from mlops.domain.registry import Registry, default_registry
 from mlops.supervise.processes import free_port, stop_process, wait_for
 from mlops.supervise.serve import Ports, mlserver_command, server_env
 from runtimes.binary import NUMPY
-from runtimes.contract import GRPC_FAST_PATH, REST_FAST_PATH
+from runtimes.contract import GRPC_LISTENERS, REST_FAST_PATH
 from runtimes.metrics import proc_stat
 
 matplotlib.use("Agg")  # files, no display
@@ -372,8 +372,8 @@ def start_systems(
     workdir: Path, project: Path, registry: Registry, version: str, model_dir: Path, body: Path, grpc_file: Path, columns_body: Path
 ) -> list[System]:
     ours, ours_ports = start_mlserver("mlserver", project / "model-settings", registry, workdir)
-    # the same server with gRPC inference through MLServer's own servicer (runtimes/grpc_edge.py), side by side
-    mlservers_grpc, mlservers_grpc_ports = start_mlserver("mlserver-grpc-own", project / "model-settings", registry, workdir, {GRPC_FAST_PATH: "0"})
+    # the same server with one gRPC server on the port instead of several (runtimes/grpc_edge.py), side by side
+    one_listener, one_listener_ports = start_mlserver("mlserver-grpc-one", project / "model-settings", registry, workdir, {GRPC_LISTENERS: "1"})
     stock, tuned = (
         start_mlserver(name, stock_settings(workdir / name, version, server_settings), registry, workdir, stock=True)[0]
         for name, server_settings in (
@@ -398,7 +398,7 @@ def start_systems(
     )
     for proc, path in (
         (ours, "/v2/health/ready"),
-        (mlservers_grpc, "/v2/health/ready"),
+        (one_listener, "/v2/health/ready"),
         (stock, "/v2/health/ready"),
         (tuned, "/v2/health/ready"),
         (mono, "/docs"),
@@ -409,9 +409,7 @@ def start_systems(
     return [
         System("routed-rest", "a) routed iris, REST", ours, http(ours, "iris"), body),
         System("routed-grpc", "b) routed iris, gRPC", ours, grpc_url(ours_ports), grpc_file, grpc=True),
-        System(
-            "routed-grpc-own", f"b') the same, gRPC fast path off ({GRPC_FAST_PATH}=0)", mlservers_grpc, grpc_url(mlservers_grpc_ports), grpc_file, grpc=True
-        ),
+        System("routed-grpc-one", f"b') the same, one gRPC listener ({GRPC_LISTENERS}=1)", one_listener, grpc_url(one_listener_ports), grpc_file, grpc=True),
         System("direct-rest", "c) iris-champion direct, REST", ours, http(ours, "iris-champion"), body),
         System("stock-mlflow", "d) stock MLflowRuntime, REST", stock, http(stock, "iris"), body),
         System("stock-mlflow-tuned", "d') stock MLflowRuntime, our server settings", tuned, http(tuned, "iris"), body),

@@ -39,6 +39,11 @@ REST_FAST_PATH = "MLOPS_REST_FAST_PATH"
 GRPC_FAST_PATH = "MLOPS_GRPC_FAST_PATH"
 
 
+# gRPC servers listening on the one gRPC port, in the one serving process (runtimes/grpc_edge.py).
+GRPC_LISTENERS = "MLOPS_GRPC_LISTENERS"
+GRPC_LISTENERS_DEFAULT = 16
+
+
 def switched_off(variable: str) -> bool:
     return os.environ.get(variable, "1").lower() in ("0", "false", "off")
 

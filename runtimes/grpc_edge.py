@@ -19,13 +19,26 @@ an answer with outputs it does not write (BYTES, NaN, typed contents) is written
 client gets MLServer's answer or MLServer's error for it. `MLOPS_GRPC_FAST_PATH=0` turns the short road off.
 tests/in_process/test_grpc_fast_path.py sends one request set both ways and requires the same bytes back
 and the same metric increments.
+
+Several servers listen on the one gRPC port (`MLOPS_GRPC_LISTENERS`, 16 by default), all on the one
+event loop and data plane. grpc.aio takes up a server's calls one at a time: its accept loop asks gRPC
+core for the next call only once the event loop has taken the last one (grpc/grpc,
+src/python/grpcio/grpc/_cython/_cygrpc/aio/server.pyx.pxi, `AioServer._server_main_loop`, commit
+04ce44b). With one server the calls of all connections reached Python one per loop turn and were
+predicted one at a time while the loop was busy (runtimes/batching.py had nothing to stack). Each
+server here is built as MLServer builds its own (grpc/server.py 71-86: its servicers, interceptors,
+options) and binds the port with SO_REUSEPORT (`grpc.so_reuseport`), so the kernel spreads connections
+over them and up to one call per server is taken up per turn. Calls multiplexed on one connection
+still come one per turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -37,7 +50,9 @@ from mlserver.grpc.converters import (
     ParametersConverter,
     _merge_map,
 )
-from mlserver.grpc.server import GRPCServer
+from mlserver.grpc.dataplane_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+from mlserver.grpc.model_repository_pb2_grpc import add_ModelRepositoryServiceServicer_to_server
+from mlserver.grpc.server import DefaultGrpcWorkers, GRPCServer
 from mlserver.grpc.servicers import InferenceServicer
 from mlserver.grpc.utils import handle_mlserver_error, to_headers
 from mlserver.handlers import DataPlane
@@ -46,7 +61,8 @@ from mlserver.utils import insert_headers
 
 from .binary import NUMPY
 from .contract import GRPC_FAST_PATH as SWITCH
-from .contract import switched_off
+from .contract import GRPC_LISTENERS as LISTENERS
+from .contract import GRPC_LISTENERS_DEFAULT, switched_off
 from .signature import datatype_of
 
 logger = logging.getLogger("mlserver.grpc")
@@ -63,8 +79,17 @@ def _enabled() -> bool:
     return True
 
 
+def listeners() -> int:
+    """How many servers listen on the gRPC port (module docstring)."""
+    value = os.environ.get(LISTENERS, str(GRPC_LISTENERS_DEFAULT))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{LISTENERS}={value!r}: set it to the number of gRPC servers to listen on the port, 1 or more")
+    return int(value)
+
+
 def install(server: GRPCServer) -> None:
-    """Answer `ModelInfer` on the short road in the gRPC server MLServer builds when it starts.
+    """Answer `ModelInfer` on the short road, on as many servers as `listeners()`, in the gRPC server MLServer
+    builds when it starts.
 
     MLServer builds its `grpc.aio` server in `GRPCServer.start` (grpc/server.py 111-114); this wraps that
     instance's builder, and registers the short road under MLServer's own method name after MLServer's
@@ -72,18 +97,53 @@ def install(server: GRPCServer) -> None:
     (tests/in_process/test_grpc_fast_path.py shows it does). Interceptors apply to it as to any method.
     """
     create = server._create_server
+    count = listeners()
 
     def create_server():
-        aio_server = create()
+        servers = [create(), *(_twin(server) for _ in range(count - 1))]
         if _enabled():
             infer = ModelInfer(server._data_plane, server._inference_servicer)
             handler = grpc.unary_unary_rpc_method_handler(
                 infer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=pb.ModelInferResponse.SerializeToString
             )
-            aio_server.add_registered_method_handlers(SERVICE, {METHOD: handler})
-        return aio_server
+            for aio_server in servers:
+                aio_server.add_registered_method_handlers(SERVICE, {METHOD: handler})
+        if count > 1:
+            logger.info("gRPC: %d servers listening on port %d (%s)", count, server._settings.grpc_port, LISTENERS)
+            server._server = Listeners(servers)
+        return server._server
 
     server._create_server = create_server  # this instance only
+
+
+def _twin(server: GRPCServer) -> grpc.aio.Server:
+    """One more server as MLServer builds its own (grpc/server.py 71-86), on the same port."""
+    twin = grpc.aio.server(
+        ThreadPoolExecutor(max_workers=DefaultGrpcWorkers),
+        interceptors=list(server._interceptors),  # the same instances: one set of grpc_server_* metrics
+        options=[*server._get_options(), ("grpc.so_reuseport", 1)],
+    )
+    add_GRPCInferenceServiceServicer_to_server(server._inference_servicer, twin)
+    add_ModelRepositoryServiceServicer_to_server(server._model_repository_servicer, twin)
+    twin.add_insecure_port(f"{server._settings.host}:{server._settings.grpc_port}")
+    return twin
+
+
+class Listeners:
+    """The servers on the gRPC port as the one server MLServer's `start` and `stop` (grpc/server.py 111-126)
+    and the drain (runtimes/drain.py) drive: each call reaches all of them at once."""
+
+    def __init__(self, servers: list[grpc.aio.Server]):
+        self.servers = servers
+
+    async def start(self) -> None:
+        await asyncio.gather(*(s.start() for s in self.servers))
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return all(await asyncio.gather(*(s.wait_for_termination(timeout) for s in self.servers)))
+
+    async def stop(self, grace: float | None) -> None:
+        await asyncio.gather(*(s.stop(grace) for s in self.servers))
 
 
 class ModelInfer:

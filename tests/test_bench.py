@@ -23,7 +23,7 @@ def test_bench_measures_every_system_and_writes_its_report(tmp_path):
     assert set(results["systems"]) == {
         "routed-rest",
         "routed-grpc",
-        "routed-grpc-own",
+        "routed-grpc-one",
         "direct-rest",
         "stock-mlflow",
         "stock-mlflow-tuned",
