@@ -130,8 +130,8 @@ def _twin(server: GRPCServer) -> grpc.aio.Server:
 
 
 class Listeners:
-    """The servers on the gRPC port as the one server MLServer's `start` and `stop` (grpc/server.py 111-126)
-    and the drain (runtimes/drain.py) drive: each call reaches all of them at once."""
+    """The servers on the gRPC port as the one server that MLServer's `start` and `stop` (grpc/server.py
+    111-126) and the drain (runtimes/drain.py) drive: starting, waiting and stopping reach all of them at once."""
 
     def __init__(self, servers: list[grpc.aio.Server]):
         self.servers = servers
