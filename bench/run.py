@@ -29,7 +29,7 @@ from mlops.domain.registry import Registry, default_registry
 from mlops.supervise.processes import free_port, stop_process, wait_for
 from mlops.supervise.serve import Ports, mlserver_command, server_env
 from runtimes.binary import NUMPY
-from runtimes.contract import GRPC_LISTENERS, REST_FAST_PATH
+from runtimes.contract import GRPC_INFER, GRPC_LISTENERS, REST_FAST_PATH
 from runtimes.metrics import proc_stat
 
 matplotlib.use("Agg")  # files, no display
@@ -241,7 +241,7 @@ def grpc_predict(port: int, model: str) -> list:
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
+            GRPC_INFER,
             request_serializer=lambda b: b,
             response_deserializer=pb.ModelInferResponse.FromString,
         )
@@ -405,7 +405,7 @@ def start_systems(
     ):
         wait_ready(proc, path)
     http = lambda p, m: f"http://127.0.0.1:{p.port}/v2/models/{m}/infer"  # noqa: E731
-    grpc_url = lambda ports: f"http://127.0.0.1:{ports.grpc}/inference.GRPCInferenceService/ModelInfer"  # noqa: E731
+    grpc_url = lambda ports: f"http://127.0.0.1:{ports.grpc}{GRPC_INFER}"  # noqa: E731
     return [
         System("routed-rest", "a) routed iris, REST", ours, http(ours, "iris"), body),
         System("routed-grpc", "b) routed iris, gRPC", ours, grpc_url(ours_ports), grpc_file, grpc=True),

@@ -24,6 +24,10 @@ SERVER_MODULE = "runtimes.server"
 RUNTIME = "runtimes.registry_sklearn.RegistrySKLearnRuntime"
 ROUTER = "runtimes.router.RouterRuntime"
 
+# The V2 gRPC service MLServer registers (mlserver/grpc/dataplane_pb2_grpc.py) and its inference method.
+GRPC_SERVICE, GRPC_INFER_METHOD = "inference.GRPCInferenceService", "ModelInfer"
+GRPC_INFER = f"/{GRPC_SERVICE}/{GRPC_INFER_METHOD}"  # the call's path on the wire
+
 # MLServer's default ports, which the image, the pods and `mlops serve` all use.
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8080, 8081, 8082
 LOOPBACK = "127.0.0.1"  # what local servers bind unless told otherwise
@@ -37,7 +41,6 @@ DRAIN_SECONDS = 30
 # The short roads to MLServer's data plane (runtimes/rest.py, runtimes/grpc_edge.py): on unless set to 0.
 REST_FAST_PATH = "MLOPS_REST_FAST_PATH"
 GRPC_FAST_PATH = "MLOPS_GRPC_FAST_PATH"
-
 
 # gRPC servers listening on the one gRPC port, in the one serving process (runtimes/grpc_edge.py).
 GRPC_LISTENERS = "MLOPS_GRPC_LISTENERS"

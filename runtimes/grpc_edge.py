@@ -61,14 +61,13 @@ from mlserver.utils import insert_headers
 
 from .binary import NUMPY
 from .contract import GRPC_FAST_PATH as SWITCH
+from .contract import GRPC_INFER_METHOD, GRPC_LISTENERS_DEFAULT, GRPC_SERVICE, switched_off
 from .contract import GRPC_LISTENERS as LISTENERS
-from .contract import GRPC_LISTENERS_DEFAULT, switched_off
 from .signature import datatype_of
 
 logger = logging.getLogger("mlserver.grpc")
 
-SERVICE = "inference.GRPCInferenceService"  # mlserver/grpc/dataplane_pb2_grpc.py, the service MLServer registers
-METHOD = "ModelInfer"
+SERVICE, METHOD = GRPC_SERVICE, GRPC_INFER_METHOD
 
 
 def _enabled() -> bool:
@@ -117,7 +116,10 @@ def install(server: GRPCServer) -> None:
 
 
 def _twin(server: GRPCServer) -> grpc.aio.Server:
-    """One more server as MLServer builds its own (grpc/server.py 71-86), on the same port."""
+    """One more server as MLServer builds its own (grpc/server.py 71-86), on the same port.
+
+    Not MLServer's builder again: it makes a new PromServerInterceptor each time, whose metrics the
+    Prometheus registry already holds (a second registration is refused)."""
     twin = grpc.aio.server(
         ThreadPoolExecutor(max_workers=DefaultGrpcWorkers),
         interceptors=list(server._interceptors),  # the same instances: one set of grpc_server_* metrics

@@ -226,7 +226,8 @@ class RouterRuntime(ReportedModel):
         try:
             self._queue.put_nowait((shadow, payload, live))
         except asyncio.QueueFull:
-            shadow.counted[2].inc()
+            _, _, dropped, _ = shadow.counted
+            dropped.inc()
 
     async def _shadow_worker(self) -> None:
         m, queue = self._metrics, self._queue

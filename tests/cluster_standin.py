@@ -71,8 +71,8 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from tritonclient.grpc import service_pb2
 
 from mlops.check.cluster import Access, Request
+from mlops.render.seldon import GRPC_PATHS
 
-SERVICE = "/inference.GRPCInferenceService/"
 V2_INFER = re.compile(r"^/v2/models/([^/]+)/infer$")
 V2_READY = re.compile(r"^/v2/models/([^/]+)/ready$")
 V2_META = re.compile(r"^/v2/models/([^/]+)$")
@@ -329,7 +329,7 @@ class Standin:
         return Handler()
 
     async def _grpc_executor(self, pred: Predictor, method: str, request: bytes, metadata, context) -> bytes:
-        verb = method.removeprefix(SERVICE)
+        verb = method.removeprefix(GRPC_PATHS)
         try:
             if verb in ("ModelReady", "ModelMetadata"):
                 msg = (service_pb2.ModelReadyRequest if verb == "ModelReady" else service_pb2.ModelMetadataRequest).FromString(request)

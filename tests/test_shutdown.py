@@ -49,7 +49,7 @@ from tritonclient.utils import InferenceServerException
 
 from mlops.supervise.processes import wait_for, wait_until
 from mlops.supervise.serve import LOOPBACK
-from runtimes.contract import DRAIN_SECONDS
+from runtimes.contract import DRAIN_SECONDS, GRPC_INFER
 
 MODEL = "iris"
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], dtype=np.float64)
@@ -170,7 +170,7 @@ def refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     except ConnectionResetError:
-        return False
+        pass
     return False
 
 
@@ -200,7 +200,7 @@ def held_grpc_call(channel: grpc.Channel, release: threading.Event) -> grpc.Futu
 
     grpc.channel_ready_future(channel).result(timeout=30)
     infer = channel.stream_unary(
-        "/inference.GRPCInferenceService/ModelInfer",
+        GRPC_INFER,
         request_serializer=pb.ModelInferRequest.SerializeToString,
         response_deserializer=pb.ModelInferResponse.FromString,
     )

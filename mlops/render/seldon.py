@@ -42,7 +42,7 @@ import json
 
 import yaml
 
-from runtimes.contract import EXTRA_ENV, GRPC_PORT, HTTP_PORT, METRICS_PORT, RUNTIME, VARIANT_WEIGHT, RuntimeExtra
+from runtimes.contract import EXTRA_ENV, GRPC_PORT, GRPC_SERVICE, HTTP_PORT, METRICS_PORT, RUNTIME, VARIANT_WEIGHT, RuntimeExtra
 
 from ..domain.registry import ResolvedVariant
 from ..domain.spec import NO_AUTH, DeploymentSpec, Environment, Trust
@@ -67,7 +67,7 @@ MANAGED = {"app.kubernetes.io/managed-by": "mlops"}  # on every object sync writ
 # istio-ingressgateway HelmRelease runs.
 GATEWAY_NAMESPACE, GATEWAY_NAME = "istio-system", "seldon-gateway"
 INGRESS_LABELS = {"istio": "ingressgateway"}
-GRPC_SERVICE = "/inference.GRPCInferenceService/"
+GRPC_PATHS = f"/{GRPC_SERVICE}/"  # + a method
 GRPC_HEALTH = ("ServerLive", "ServerReady", "ModelReady")
 # SIGTERM comes after the operator's 10 s preStop sleep (while Istio stops routing to the pod); what is
 # left must let MLServer finish the requests it accepted: runtimes/contract.py DRAIN_SECONDS.
@@ -229,9 +229,9 @@ def access_objects(models: list[str], env: Environment) -> list[dict]:
                 "rules": [
                     # Probes from load balancers and uptime checks need no token.
                     {"to": [{"operation": {"methods": ["GET"], "paths": health}},
-                            {"operation": {"paths": [GRPC_SERVICE + m for m in GRPC_HEALTH]}}]},
+                            {"operation": {"paths": [GRPC_PATHS + m for m in GRPC_HEALTH]}}]},
                     {"from": [{"source": source}],
-                     "to": [{"operation": {"paths": [ingress_prefix(m) + "*" for m in models] + [GRPC_SERVICE + "*"]}}]},
+                     "to": [{"operation": {"paths": [ingress_prefix(m) + "*" for m in models] + [GRPC_PATHS + "*"]}}]},
                 ],
             },
         })  # fmt: skip

@@ -72,15 +72,13 @@ def set_weights(text: str, model: str, weights: dict[str, int], env: str | None 
             for vname, w in wanted.items():
                 if edits.set_scalar(wnode, vname, w, f"{weights_at}.{vname}", absent=base[vname]):
                     want_model["environments"][env]["weights"][vname] = w
-        elif not differs:
-            pass
-        elif override is not None:
+        elif differs and override is not None:
             edits.add_pairs(override, [("weights", wanted)], weights_at)
             want_model["environments"][env]["weights"] = dict(wanted)
-        elif envs is not None:
+        elif differs and envs is not None:
             edits.add_pairs(envs, [(env, {"weights": wanted})], env_at)
             want_model["environments"][env] = {"weights": dict(wanted)}
-        else:
+        elif differs:
             edits.add_pairs(model_node, [("environments", {env: {"weights": wanted}})], envs_at, nest=True, after="variants")
             want_model["environments"] = {env: {"weights": dict(wanted)}}
     if not edits:

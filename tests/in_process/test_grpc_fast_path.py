@@ -25,10 +25,11 @@ from prometheus_client import REGISTRY
 
 from mlops.supervise.processes import free_port
 from runtimes import grpc_edge
+from runtimes.contract import GRPC_INFER
 from runtimes.registry_sklearn import RegistrySKLearnRuntime
 
 LISTENERS = 16  # servers on the short road's port, and connections that call it at once
-METHOD_PATH = f"/{grpc_edge.SERVICE}/{grpc_edge.METHOD}"
+READ = grpc_edge.read  # the short road's own, whatever a test wraps it in
 IRIS, ECHO, FLOATS = "grpc-iris", "grpc-echo", "grpc-floats"  # names of their own in the session's shared registry
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
 Tensor = pb.ModelInferRequest.InferInputTensor
@@ -119,7 +120,7 @@ class Served:
         async def run():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
                 # the answer's bytes, as they left the server
-                infer = channel.unary_unary(METHOD_PATH, request_serializer=pb.ModelInferRequest.SerializeToString)
+                infer = channel.unary_unary(GRPC_INFER, request_serializer=pb.ModelInferRequest.SerializeToString)
                 got = []
                 for request, metadata in requests:
                     call = infer(request, metadata=metadata)
@@ -208,12 +209,12 @@ def taken_up_per_turn(served: Served, connections: int, monkeypatch) -> list[int
     """How many calls, sent at once on as many connections while the event loop was busy, reached the short
     road in each loop turn once it was free."""
     turns, entered = [0], []
-    monkeypatch.setattr(grpc_edge, "read", lambda r, _read=grpc_edge.read: entered.append(turns[0]) or _read(r))
+    monkeypatch.setattr(grpc_edge, "read", lambda r: entered.append(turns[0]) or READ(r))
     channels = [grpc.insecure_channel(f"127.0.0.1:{served.port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
     for channel in channels:  # a connection of its own each
         grpc.channel_ready_future(channel).result(timeout=10)
     infer = [
-        c.unary_unary(METHOD_PATH, request_serializer=pb.ModelInferRequest.SerializeToString, response_deserializer=pb.ModelInferResponse.FromString)
+        c.unary_unary(GRPC_INFER, request_serializer=pb.ModelInferRequest.SerializeToString, response_deserializer=pb.ModelInferResponse.FromString)
         for c in channels
     ]
 
